@@ -1,0 +1,78 @@
+//! `bitnet-pack convert`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{ConvertArgs, KeepArg, LayoutArg, human_bytes, with_threads};
+use crate::convert::{ConvertOptions, convert};
+use crate::pack::TernaryLayout;
+use crate::source::FloatDtype;
+
+pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let opts = ConvertOptions {
+        layout: match a.layout {
+            LayoutArg::I2 => TernaryLayout::I2,
+            LayoutArg::I8 => TernaryLayout::I8,
+        },
+        keep: match a.keep {
+            KeepArg::Source => None,
+            KeepArg::F32 => Some(FloatDtype::F32),
+            KeepArg::F16 => Some(FloatDtype::F16),
+            KeepArg::Bf16 => Some(FloatDtype::Bf16),
+        },
+        compress: a.compress,
+        force: a.force,
+    };
+    // The bar's length is set once the checkpoint is open; until then it shows a spinner.
+    let bar = ProgressBar::with_draw_target(None, if a.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} converting [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    let total = dir_tensor_bytes_hint(&a.src);
+    if let Some(t) = total {
+        bar.set_length(t);
+    }
+    let start = Instant::now();
+    let summary = with_threads(a.threads, || convert(&a.src, &a.output, &opts, &|n| bar.inc(n)))?
+        .with_context(|| format!("could not convert {}", a.src.display()))?;
+    bar.finish_and_clear();
+    if !a.quiet {
+        let h = &summary.header;
+        let ternary: Vec<_> = h.tensors.iter().filter(|t| t.encoding.ternary().is_some()).collect();
+        let params: u64 = ternary.iter().filter_map(|t| t.numel()).sum();
+        let bytes: u64 = ternary.iter().map(|t| t.length).sum();
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "wrote {}: {} ({}), {} tensors, {} ternary weights in {} ({:.3} bits/weight, layout {}) in {:.2} s ({}/s of source)",
+            a.output.display(),
+            h.model.architecture,
+            human_bytes(summary.file_len),
+            h.tensors.len(),
+            params,
+            human_bytes(bytes),
+            bytes as f64 * 8.0 / params.max(1) as f64,
+            opts.layout.as_str(),
+            secs,
+            human_bytes((summary.source_tensor_bytes as f64 / secs.max(1e-9)) as u64),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Total size of the safetensors files in the source directory, for the progress bar (a hint:
+/// the exact work is known only once the checkpoint is opened).
+fn dir_tensor_bytes_hint(src: &std::path::Path) -> Option<u64> {
+    let dir = if src.is_file() { src.parent()? } else { src };
+    let total = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .sum();
+    Some(total)
+}

@@ -1,0 +1,169 @@
+//! The command-line front end: argument parsing and one `run()` per subcommand. All real work
+//! is in the library; this layer adds file names to errors and formats output.
+//!
+//! Exit codes: 0 success, 1 a check failed (`validate`), 2 an error (usage, unreadable or
+//! malformed input, I/O).
+
+mod convert;
+mod inspect;
+mod unpack;
+mod validate;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Exit code when a check (validation, parity) fails.
+pub const EXIT_CHECK_FAILED: u8 = 1;
+/// Exit code for errors: usage, bad input, I/O.
+pub const EXIT_ERROR: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "bitnet-pack", version, about = "Pack LLM checkpoints into ternary (BitNet b1.58) models and check them")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Convert an HF checkpoint directory (safetensors) into a .bpk file.
+    Convert(ConvertArgs),
+    /// Describe a .bpk file: model, quantization, tensor table, sizes.
+    Inspect(InspectArgs),
+    /// Check every byte of a .bpk file; exit 1 if anything is wrong.
+    Validate(ValidateArgs),
+    /// Dequantize a .bpk file into a safetensors file.
+    Unpack(UnpackArgs),
+}
+
+/// Storage for the ternary projections.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LayoutArg {
+    /// 2 bits per weight in blocks of 128.
+    I2,
+    /// One int8 per weight.
+    I8,
+}
+
+/// Element type for non-ternary tensors.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum KeepArg {
+    /// Each tensor's own source type.
+    Source,
+    F32,
+    F16,
+    Bf16,
+}
+
+/// Element type of unpacked tensors.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum UnpackDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// HF model directory (config.json + model.safetensors or model.safetensors.index.json).
+    pub src: PathBuf,
+    /// Output .bpk file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Layout of the ternary weights.
+    #[arg(long, value_enum, default_value = "i2")]
+    pub layout: LayoutArg,
+    /// Element type of embeddings, norms and an untied lm_head.
+    #[arg(long, value_enum, default_value = "source")]
+    pub keep: KeepArg,
+    /// zstd-compress the non-ternary tensors.
+    #[arg(long)]
+    pub compress: bool,
+    /// Worker threads (default: one per core). The output does not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Overwrite the output if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// A .bpk file.
+    pub file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ValidateArgs {
+    /// A .bpk file.
+    pub file: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads for checksum verification (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UnpackArgs {
+    /// A .bpk file.
+    pub file: PathBuf,
+    /// Output .safetensors file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Element type of the output tensors.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: UnpackDtype,
+    /// Overwrite the output if it exists.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Convert(a) => convert::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Validate(a) => validate::run(a),
+        Command::Unpack(a) => unpack::run(a),
+    }
+}
+
+/// Runs `f` on a rayon pool of `threads` workers (default: the global pool).
+fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    match threads {
+        None => Ok(f()),
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) => Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(f)),
+    }
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// Human-readable byte count.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", UNITS[u]) }
+}

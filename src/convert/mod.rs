@@ -1,0 +1,300 @@
+//! Convert: the pipeline from a checkpoint to a .bpk file.
+//!
+//! Tensors are processed one at a time in canonical order, straight from the memory-mapped
+//! source: a ternary projection is decoded row by row (never the whole tensor in f32), summed
+//! in f64 for its absmean scale, then ternarized and packed in a second pass over the rows;
+//! other tensors are copied (or re-encoded, or zstd-compressed) in chunks. Rows are spread over
+//! the rayon pool the caller installs; every reduction has a fixed order, so the output is
+//! byte-identical whatever the thread count. The source files are hashed for provenance on a
+//! separate thread while the conversion runs.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::format::writer::TensorSink;
+use crate::format::{BpkWriter, Compression, Encoding, Header, Provenance, QuantScheme, SourceFile, TensorPlan, WriteError};
+use crate::pack::TernaryLayout;
+use crate::quant::{AbsmeanScale, abs_sum_f64};
+use crate::source::dtype::{decode_f32, encode_f32};
+use crate::source::{CONFIG_FILE, Checkpoint, FloatDtype, SourceError, SourceTensor, sha256_file};
+
+/// zstd level for `--compress`: fast, and the output is identical on every run.
+pub const ZSTD_LEVEL: i32 = 3;
+/// Elements per chunk when streaming non-ternary tensors.
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// What to produce.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    pub layout: TernaryLayout,
+    /// Element type for non-ternary tensors; `None` keeps each tensor's source type.
+    pub keep: Option<FloatDtype>,
+    /// zstd-compress non-ternary tensors.
+    pub compress: bool,
+    /// Overwrite an existing output file.
+    pub force: bool,
+}
+
+/// A conversion failed; no file was left at the target.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{path}: {source}")]
+    Write { path: PathBuf, source: WriteError },
+    #[error("{path}: tensor `{tensor}` has a non-finite value {value} at index {index:?}; the checkpoint is damaged or was saved after a diverged training step")]
+    NonFinite { path: PathBuf, tensor: String, index: Vec<usize>, value: f32 },
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone)]
+pub struct ConvertSummary {
+    pub header: Header,
+    pub file_len: u64,
+    /// Bytes of source tensor data read.
+    pub source_tensor_bytes: u64,
+}
+
+/// Converts the checkpoint at `src` into a .bpk file at `out`. `progress` is called with the
+/// number of source bytes just processed.
+pub fn convert(src: &Path, out: &Path, opts: &ConvertOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<ConvertSummary, ConvertError> {
+    let ckpt = Checkpoint::open(src)?;
+    let write_err = |source| ConvertError::Write { path: out.to_path_buf(), source };
+
+    let plans: Vec<TensorPlan> = ckpt.tensors.iter().map(|t| plan(t, opts)).collect();
+    let config_sha = sha256_file(&ckpt.dir.join(CONFIG_FILE))?;
+    let config_len = std::fs::metadata(ckpt.dir.join(CONFIG_FILE)).map(|m| m.len()).unwrap_or(0);
+    let provenance_with = |shard_hashes: &[String]| Provenance {
+        tool: env!("CARGO_PKG_NAME").to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        source_files: std::iter::once(SourceFile { name: CONFIG_FILE.into(), bytes: config_len, sha256: config_sha.clone() })
+            .chain(ckpt.shards.iter().zip(shard_hashes).map(|(s, h)| SourceFile {
+                name: s.file_name.clone(),
+                bytes: s.len,
+                sha256: h.clone(),
+            }))
+            .collect(),
+        options: options_record(opts),
+    };
+    let placeholder: Vec<String> = ckpt.shards.iter().map(|_| "0".repeat(64)).collect();
+    let mut writer = BpkWriter::create(
+        out,
+        opts.force,
+        ckpt.config.clone(),
+        QuantScheme::bitnet_b158(),
+        provenance_with(&placeholder),
+        plans,
+    )
+    .map_err(write_err)?;
+
+    let (hashes, written) = std::thread::scope(|scope| {
+        let hasher = scope.spawn(|| ckpt.hash_shards());
+        let written = write_tensors(&ckpt, &mut writer, out, opts, progress);
+        (hasher.join().expect("the hashing thread does not panic"), written)
+    });
+    written?;
+    let hashes = hashes?;
+    let (header, file_len) = writer.finish(provenance_with(&hashes)).map_err(write_err)?;
+    Ok(ConvertSummary { header, file_len, source_tensor_bytes: ckpt.tensor_bytes() })
+}
+
+fn options_record(opts: &ConvertOptions) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("layout".to_string(), opts.layout.as_str().to_string()),
+        ("keep".to_string(), opts.keep.map(|d| d.as_str()).unwrap_or("source").to_string()),
+        ("compress".to_string(), opts.compress.to_string()),
+    ])
+}
+
+/// How one source tensor will be stored.
+fn plan(t: &SourceTensor, opts: &ConvertOptions) -> TensorPlan {
+    let ternary = t.spec.role.is_ternary();
+    let encoding = if ternary {
+        Encoding::from_layout(opts.layout)
+    } else {
+        Encoding::from_float(opts.keep.unwrap_or(t.dtype))
+    };
+    TensorPlan {
+        name: t.spec.name.clone(),
+        role: t.spec.role,
+        layer: t.spec.layer.map(|l| l as u32),
+        encoding,
+        shape: t.spec.shape.iter().map(|&d| d as u64).collect(),
+        compression: if opts.compress && !ternary { Compression::Zstd } else { Compression::None },
+    }
+}
+
+fn write_tensors(
+    ckpt: &Checkpoint,
+    writer: &mut BpkWriter,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(), ConvertError> {
+    let out_path = |source: WriteError| ConvertError::Write { path: out.to_path_buf(), source };
+    for t in &ckpt.tensors {
+        let bytes = ckpt.bytes(t);
+        let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
+            path: ckpt.shards[t.shard].path.clone(),
+            tensor: t.spec.name.clone(),
+            index: unravel(index, &t.spec.shape),
+            value,
+        };
+        if t.spec.role.is_ternary() {
+            let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+            let (scale, packed) =
+                ternarize(t.dtype, bytes, rows, k, opts.layout).map_err(|(i, v)| non_finite(i, v))?;
+            writer.write_tensor(Some(scale.scale), |sink| sink.write_all(&packed)).map_err(out_path)?;
+        } else {
+            if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
+                return Err(non_finite(i, v));
+            }
+            let target = opts.keep.unwrap_or(t.dtype);
+            let compress = opts.compress;
+            writer
+                .write_tensor(None, |sink| copy_float(t.dtype, target, compress, bytes, sink))
+                .map_err(out_path)?;
+        }
+        ckpt.release(t);
+        progress(bytes.len() as u64);
+    }
+    Ok(())
+}
+
+/// Turns `[i]` into a multi-index for messages.
+fn unravel(mut index: usize, shape: &[usize]) -> Vec<usize> {
+    let mut out = vec![0; shape.len()];
+    for (o, &d) in out.iter_mut().zip(shape).rev() {
+        *o = index % d.max(1);
+        index /= d.max(1);
+    }
+    out
+}
+
+/// Ternarizes a `[rows, k]` tensor of `dtype` elements: returns its absmean scale and its rows
+/// packed in `layout`, or the flat index and value of the first non-finite element.
+pub fn ternarize(
+    dtype: FloatDtype,
+    bytes: &[u8],
+    rows: usize,
+    k: usize,
+    layout: TernaryLayout,
+) -> Result<(AbsmeanScale, Vec<u8>), (usize, f32)> {
+    let src_row = k * dtype.size();
+    // Pass 1: per-row f64 sums, combined in row order (so independent of the thread count).
+    let sums: Vec<Result<f64, (usize, f32)>> = bytes
+        .par_chunks(src_row)
+        .enumerate()
+        .map_init(
+            || vec![0f32; k],
+            |buf, (r, src)| {
+                decode_f32(dtype, src, buf);
+                match buf.iter().position(|v| !v.is_finite()) {
+                    Some(i) => Err((r * k + i, buf[i])),
+                    None => Ok(abs_sum_f64(buf)),
+                }
+            },
+        )
+        .collect();
+    let mut total = 0f64;
+    for s in sums {
+        total += s?;
+    }
+    let scale = AbsmeanScale::from_abs_sum(total, rows * k);
+    // Pass 2: ternarize and pack each row.
+    let row_bytes = layout.row_bytes(k);
+    let mut packed = vec![0u8; rows * row_bytes];
+    packed.par_chunks_mut(row_bytes).zip(bytes.par_chunks(src_row)).for_each_init(
+        || (vec![0f32; k], vec![0i8; k]),
+        |(weights, trits), (dst, src)| {
+            decode_f32(dtype, src, weights);
+            for (t, &w) in trits.iter_mut().zip(weights.iter()) {
+                *t = scale.trit(w);
+            }
+            layout.pack_row(trits, dst);
+        },
+    );
+    Ok((scale, packed))
+}
+
+/// The flat index and value of the first NaN or infinity, scanning chunks in parallel.
+fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
+    let chunk = STREAM_CHUNK * dtype.size();
+    bytes
+        .par_chunks(chunk)
+        .enumerate()
+        .map_init(
+            || vec![0f32; STREAM_CHUNK],
+            |buf, (c, src)| {
+                let n = src.len() / dtype.size();
+                decode_f32(dtype, src, &mut buf[..n]);
+                buf[..n].iter().position(|v| !v.is_finite()).map(|i| (c * STREAM_CHUNK + i, buf[i]))
+            },
+        )
+        .find_first(Option::is_some)
+        .flatten()
+}
+
+/// Streams a float tensor into the sink: as is, re-encoded to `target`, and/or zstd-compressed.
+fn copy_float(source: FloatDtype, target: FloatDtype, compress: bool, bytes: &[u8], sink: &mut TensorSink<'_>) -> io::Result<()> {
+    let mut out: Box<dyn Write + '_> = if compress {
+        Box::new(zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?.auto_finish())
+    } else {
+        Box::new(sink)
+    };
+    if source == target {
+        for c in bytes.chunks(STREAM_CHUNK * source.size()) {
+            out.write_all(c)?;
+        }
+    } else {
+        let mut vals = vec![0f32; STREAM_CHUNK];
+        let mut enc = Vec::with_capacity(STREAM_CHUNK * target.size());
+        for c in bytes.chunks(STREAM_CHUNK * source.size()) {
+            let n = c.len() / source.size();
+            decode_f32(source, c, &mut vals[..n]);
+            enc.clear();
+            encode_f32(target, &vals[..n], &mut enc);
+            out.write_all(&enc)?;
+        }
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unravel_gives_row_and_column() {
+        assert_eq!(unravel(7, &[3, 5]), vec![1, 2]);
+        assert_eq!(unravel(0, &[4]), vec![0]);
+    }
+
+    #[test]
+    fn ternarize_reports_the_first_non_finite_value() {
+        let mut vals = vec![0.5f32; 12];
+        vals[7] = f32::NAN;
+        vals[9] = f32::INFINITY;
+        let mut bytes = Vec::new();
+        encode_f32(FloatDtype::F32, &vals, &mut bytes);
+        let err = ternarize(FloatDtype::F32, &bytes, 3, 4, TernaryLayout::I2).unwrap_err();
+        assert_eq!(err.0, 7);
+        assert!(err.1.is_nan());
+    }
+
+    #[test]
+    fn ternarize_matches_a_direct_computation() {
+        let vals: Vec<f32> = (0..3 * 130).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let mut bytes = Vec::new();
+        encode_f32(FloatDtype::F32, &vals, &mut bytes);
+        let (scale, packed) = ternarize(FloatDtype::F32, &bytes, 3, 130, TernaryLayout::I8).unwrap();
+        let mean = vals.iter().map(|v| f64::from(v.abs())).sum::<f64>() / vals.len() as f64;
+        assert_eq!(scale.mean_abs, mean as f32);
+        for (p, v) in packed.iter().zip(&vals) {
+            assert_eq!(*p as i8, (v * scale.inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8);
+        }
+    }
+}

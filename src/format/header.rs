@@ -1,0 +1,268 @@
+//! The JSON header of a .bpk file (formats/bpk.md §3): model config, quantization scheme,
+//! tensor table and provenance. Field order here is the order in the file.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ModelConfig, Role};
+use crate::pack::TernaryLayout;
+use crate::source::FloatDtype;
+
+/// The whole header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header {
+    pub model: ModelConfig,
+    pub quantization: QuantScheme,
+    pub tensors: Vec<TensorEntry>,
+    /// Length of the data section in bytes (a multiple of 64).
+    pub data_len: u64,
+    pub provenance: Provenance,
+}
+
+/// How the ternary weights were made and how activations must be quantized at run time (§3.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantScheme {
+    pub weights: WeightScheme,
+    pub activations: ActivationScheme,
+    /// Places where a runtime must apply an online transform (BitNet v2 H-BitLinear) before
+    /// quantizing an activation. Empty in files written by this version.
+    #[serde(default)]
+    pub online_rotations: Vec<RotationSite>,
+}
+
+/// The weight quantizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightScheme {
+    pub rule: WeightRule,
+    /// Lower bound on the mean absolute weight.
+    pub eps: f64,
+}
+
+/// Weight quantization rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightRule {
+    /// Per tensor: `a = max(mean|W|, eps)`, `T = clamp(round_half_even(W / a), -1, 1)`.
+    AbsmeanPerTensor,
+}
+
+/// The activation quantizer a runtime must apply to the input of every ternary projection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivationScheme {
+    pub rule: ActivationRule,
+    pub bits: u8,
+    pub eps: f64,
+}
+
+/// Activation quantization rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationRule {
+    /// Per token: `s = (2^(bits-1) - 1) / max(max|x|, eps)`, `q = clamp(round(x * s), -2^(bits-1), 2^(bits-1) - 1)`.
+    AbsmaxPerToken,
+}
+
+impl QuantScheme {
+    /// The BitNet b1.58 scheme: absmean ternary weights, per-token absmax int8 activations.
+    pub fn bitnet_b158() -> Self {
+        QuantScheme {
+            weights: WeightScheme {
+                rule: WeightRule::AbsmeanPerTensor,
+                eps: f64::from(crate::quant::ABSMEAN_EPS),
+            },
+            activations: ActivationScheme { rule: ActivationRule::AbsmaxPerToken, bits: 8, eps: 1e-5 },
+            online_rotations: Vec::new(),
+        }
+    }
+}
+
+/// One online rotation site (reserved for BitNet v2; §3.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RotationSite {
+    /// The projection whose input is transformed.
+    pub role: Role,
+    /// Block index, or absent for every block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u32>,
+    /// The transform, e.g. `hadamard`.
+    pub transform: String,
+    /// Length of the transformed vector.
+    pub dim: u64,
+}
+
+/// How a tensor's elements are stored (§5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    I2,
+    I8,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::I2 => "i2",
+            Encoding::I8 => "i8",
+            Encoding::F32 => "f32",
+            Encoding::F16 => "f16",
+            Encoding::Bf16 => "bf16",
+        }
+    }
+
+    /// The ternary layout, for `i2` and `i8`.
+    pub fn ternary(self) -> Option<TernaryLayout> {
+        match self {
+            Encoding::I2 => Some(TernaryLayout::I2),
+            Encoding::I8 => Some(TernaryLayout::I8),
+            _ => None,
+        }
+    }
+
+    /// The float element type, for `f32`, `f16` and `bf16`.
+    pub fn float(self) -> Option<FloatDtype> {
+        match self {
+            Encoding::F32 => Some(FloatDtype::F32),
+            Encoding::F16 => Some(FloatDtype::F16),
+            Encoding::Bf16 => Some(FloatDtype::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn from_layout(l: TernaryLayout) -> Self {
+        match l {
+            TernaryLayout::I2 => Encoding::I2,
+            TernaryLayout::I8 => Encoding::I8,
+        }
+    }
+
+    pub fn from_float(d: FloatDtype) -> Self {
+        match d {
+            FloatDtype::F32 => Encoding::F32,
+            FloatDtype::F16 => Encoding::F16,
+            FloatDtype::Bf16 => Encoding::Bf16,
+        }
+    }
+
+    /// Bytes of the uncompressed encoding of a tensor of this shape, or `None` if the shape
+    /// does not suit the encoding (ternary tensors are 2-D) or the size overflows.
+    pub fn raw_len(self, shape: &[u64]) -> Option<u64> {
+        let numel = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+        match (self.ternary(), self.float()) {
+            (Some(layout), _) => {
+                let [rows, k] = shape else { return None };
+                let k = usize::try_from(*k).ok()?;
+                rows.checked_mul(layout.row_bytes(k) as u64)
+            }
+            (None, Some(d)) => numel.checked_mul(d.size() as u64),
+            (None, None) => None,
+        }
+    }
+}
+
+/// How a tensor's bytes are compressed on disk (§4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    #[default]
+    None,
+    /// One zstd frame; allowed for float tensors only.
+    Zstd,
+}
+
+/// One row of the tensor table (§3.3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u32>,
+    pub encoding: Encoding,
+    /// Row-major shape, `[out, in]` for projections.
+    pub shape: Vec<u64>,
+    /// Per-tensor dequantization scale of a ternary tensor: the exact value of an f32, written
+    /// as a decimal that parses back to that value (`weight = scale * trit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// Offset of the stored bytes from the start of the data section (a multiple of 64).
+    pub offset: u64,
+    /// Number of stored bytes (after compression, if any).
+    pub length: u64,
+    #[serde(default)]
+    pub compression: Compression,
+    /// SHA-256 of the stored bytes, lower-case hex.
+    pub sha256: String,
+}
+
+impl TensorEntry {
+    /// The scale as the f32 it encodes, if it is one exactly.
+    pub fn scale_f32(&self) -> Option<f32> {
+        let s = self.scale?;
+        let f = s as f32;
+        (f64::from(f) == s).then_some(f)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+}
+
+/// Where the file came from (§3.4). No timestamps: converting the same input with the same
+/// options gives the same bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub tool: String,
+    pub tool_version: String,
+    /// Source files (config and weights) with their SHA-256.
+    pub source_files: Vec<SourceFile>,
+    /// Conversion options that affect the output.
+    pub options: BTreeMap<String, String>,
+}
+
+/// A source file, by name relative to the model directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceFile {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_lengths() {
+        assert_eq!(Encoding::I2.raw_len(&[3, 130]), Some(3 * 64));
+        assert_eq!(Encoding::I8.raw_len(&[3, 130]), Some(390));
+        assert_eq!(Encoding::Bf16.raw_len(&[7]), Some(14));
+        assert_eq!(Encoding::I2.raw_len(&[7]), None);
+        assert_eq!(Encoding::F32.raw_len(&[u64::MAX, 2]), None);
+    }
+
+    #[test]
+    fn scale_must_be_an_exact_f32() {
+        let mut e = TensorEntry {
+            name: "x".into(),
+            role: Role::QProj,
+            layer: Some(0),
+            encoding: Encoding::I2,
+            shape: vec![1, 1],
+            scale: Some(f64::from(0.1f32)),
+            offset: 0,
+            length: 32,
+            compression: Compression::None,
+            sha256: String::new(),
+        };
+        assert_eq!(e.scale_f32(), Some(0.1f32));
+        let text = serde_json::to_string(&e).unwrap();
+        let back: TensorEntry = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.scale_f32(), Some(0.1f32));
+        e.scale = Some(0.1f64);
+        assert_eq!(e.scale_f32(), None);
+    }
+}

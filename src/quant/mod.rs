@@ -1,0 +1,5 @@
+//! Ternarize: turn float weights into trits and one scale per tensor.
+
+pub mod absmean;
+
+pub use absmean::{ABSMEAN_EPS, AbsmeanScale, abs_sum_f64};

@@ -1,0 +1,114 @@
+//! Element types of source checkpoints and their decoding to f32.
+
+use serde::{Deserialize, Serialize};
+
+/// A floating-point element type that a source tensor may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FloatDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            FloatDtype::F32 => 4,
+            FloatDtype::F16 | FloatDtype::Bf16 => 2,
+        }
+    }
+
+    /// Lower-case name, as used on the command line and in .bpk headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "f32",
+            FloatDtype::F16 => "f16",
+            FloatDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// Maps a safetensors dtype; `None` for every non-float or exotic type.
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<Self> {
+        match d {
+            safetensors::Dtype::F32 => Some(FloatDtype::F32),
+            safetensors::Dtype::F16 => Some(FloatDtype::F16),
+            safetensors::Dtype::BF16 => Some(FloatDtype::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The matching safetensors dtype.
+    pub fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            FloatDtype::F32 => safetensors::Dtype::F32,
+            FloatDtype::F16 => safetensors::Dtype::F16,
+            FloatDtype::Bf16 => safetensors::Dtype::BF16,
+        }
+    }
+}
+
+/// Decodes little-endian elements of `dtype` from `bytes` into `out` (exact: every f16 and bf16
+/// value is representable in f32). `bytes.len()` must be `out.len() * dtype.size()`.
+pub fn decode_f32(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    match dtype {
+        FloatDtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        FloatDtype::Bf16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
+            }
+        }
+        FloatDtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+    }
+}
+
+/// Encodes f32 values as little-endian `dtype` elements, rounding to nearest even.
+pub fn encode_f32(dtype: FloatDtype, values: &[f32], out: &mut Vec<u8>) {
+    out.reserve(values.len() * dtype.size());
+    match dtype {
+        FloatDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        FloatDtype::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        FloatDtype::Bf16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_encode_round_trip_is_exact_for_representable_values() {
+        let values = [0.0f32, -1.5, 3.0e-3, 65504.0, -0.25];
+        for dtype in [FloatDtype::F32, FloatDtype::F16, FloatDtype::Bf16] {
+            let mut bytes = Vec::new();
+            // Values first rounded to the dtype, so decoding gives them back exactly.
+            let mut rounded = vec![0f32; values.len()];
+            encode_f32(dtype, &values, &mut bytes);
+            decode_f32(dtype, &bytes, &mut rounded);
+            let mut again = Vec::new();
+            encode_f32(dtype, &rounded, &mut again);
+            assert_eq!(bytes, again, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn bf16_decoding_is_a_shift() {
+        let mut out = [0f32; 1];
+        decode_f32(FloatDtype::Bf16, &0x3F80u16.to_le_bytes(), &mut out);
+        assert_eq!(out[0], 1.0);
+    }
+}

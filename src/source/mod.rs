@@ -1,0 +1,377 @@
+//! Read a checkpoint: an HF model directory with `config.json` and safetensors weights
+//! (one `model.safetensors`, or shards listed in `model.safetensors.index.json`).
+//!
+//! Files are memory-mapped, never read whole into memory. Opening a checkpoint parses and
+//! validates every shard header (offsets, overlaps, coverage: the `safetensors` crate; duplicate
+//! names: our own check, which the crate lacks) and matches the tensors against the list the
+//! config implies, so that a missing, extra or misshapen tensor is reported before any work.
+
+pub mod dtype;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+
+use crate::model::{ConfigError, ModelConfig, Role, TensorSpec, expected_tensors, roles::IGNORED_SUFFIXES};
+pub use dtype::FloatDtype;
+
+/// File names inside an HF model directory.
+pub const CONFIG_FILE: &str = "config.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Largest config.json or index file we read (real ones are a few KB to a few MB).
+const MAX_JSON_FILE: u64 = 64 << 20;
+
+/// A checkpoint that cannot be read. Every variant names the file, and the tensor where one is
+/// at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Config { path: PathBuf, source: ConfigError },
+    #[error(
+        "{dir}: no {SINGLE_FILE} or {INDEX_FILE} found; point at an HF model directory that holds config.json and safetensors weights"
+    )]
+    NoWeights { dir: PathBuf },
+    #[error("{path}: invalid shard index: {reason}")]
+    Index { path: PathBuf, reason: String },
+    #[error("{path}: not a valid safetensors file ({reason}); the file may be truncated or corrupt, re-download or re-export it")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{name}` is listed twice in the header")]
+    DuplicateTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 weights are supported")]
+    UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
+    #[error(
+        "{path}: tensor `{tensor}` is already packed ({dtype}); this looks like an HF packed BitNet checkpoint, which convert does not read yet: use the bf16 master-weight checkpoint"
+    )]
+    PackedCheckpoint { path: PathBuf, tensor: String, dtype: String },
+    #[error("{dir}: tensor `{name}` is missing (expected shape {expected:?} from config.json)")]
+    MissingTensor { dir: PathBuf, name: String, expected: Vec<usize> },
+    #[error("{path}: the index maps `{name}` to this file, but the file has no such tensor")]
+    MissingInShard { path: PathBuf, name: String },
+    #[error("{path}: unexpected tensor `{name}`: config.json ({architecture}) implies no such tensor")]
+    UnexpectedTensor { path: PathBuf, name: String, architecture: String },
+    #[error(
+        "{path}: tensor `{name}` has shape {found:?} but config.json implies {expected:?}; check that config.json belongs to these weights"
+    )]
+    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error(
+        "{path}: config.json ties lm_head to the embeddings, but `lm_head.weight` differs from `model.embed_tokens.weight`; set tie_word_embeddings to false"
+    )]
+    TiedHeadDiffers { path: PathBuf },
+}
+
+/// One memory-mapped safetensors file.
+pub struct Shard {
+    /// File name inside the model directory.
+    pub file_name: String,
+    pub path: PathBuf,
+    /// File size in bytes.
+    pub len: u64,
+    mmap: Mmap,
+}
+
+/// Where a source tensor's bytes are.
+#[derive(Debug, Clone)]
+pub struct SourceTensor {
+    pub spec: TensorSpec,
+    pub dtype: FloatDtype,
+    /// Index into [`Checkpoint::shards`].
+    pub shard: usize,
+    /// Absolute byte range inside the shard file.
+    pub start: usize,
+    pub end: usize,
+}
+
+impl SourceTensor {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.spec.shape.iter().product()
+    }
+}
+
+/// An opened, fully checked checkpoint.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub shards: Vec<Shard>,
+    /// Tensors in canonical order (see [`expected_tensors`]).
+    pub tensors: Vec<SourceTensor>,
+    /// Names present in the files and deliberately skipped (buffers, a duplicate tied head).
+    pub skipped: Vec<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
+    move |source| SourceError::Io { path: path.to_path_buf(), source }
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>, SourceError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_JSON_FILE + 1).read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() as u64 > MAX_JSON_FILE {
+        return Err(SourceError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(format!("larger than {MAX_JSON_FILE} bytes")),
+        });
+    }
+    Ok(bytes)
+}
+
+impl Checkpoint {
+    /// Opens an HF model directory (or a `.safetensors` file inside one).
+    pub fn open(path: &Path) -> Result<Self, SourceError> {
+        let dir = if path.is_file() {
+            path.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            path.to_path_buf()
+        };
+        let config_path = dir.join(CONFIG_FILE);
+        let config_bytes = read_small(&config_path)?;
+        let config = ModelConfig::from_json(&config_bytes)
+            .map_err(|source| SourceError::Config { path: config_path.clone(), source })?;
+
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let (shard_names, routing) = if index_path.exists() {
+            let (names, map) = read_index(&index_path)?;
+            (names, Some(map))
+        } else if single_path.exists() {
+            (vec![SINGLE_FILE.to_string()], None)
+        } else {
+            return Err(SourceError::NoWeights { dir });
+        };
+
+        let mut shards = Vec::with_capacity(shard_names.len());
+        let mut found: BTreeMap<String, (usize, safetensors::tensor::TensorInfo, usize)> = BTreeMap::new();
+        for (si, file_name) in shard_names.iter().enumerate() {
+            let shard_path = dir.join(file_name);
+            let (shard, infos) = open_shard(&shard_path, file_name)?;
+            for (name, info, data_start) in infos {
+                if let Some(map) = &routing {
+                    match map.get(&name) {
+                        Some(target) if target == file_name => {}
+                        // A tensor the index does not route here is ignored, as transformers does.
+                        _ => continue,
+                    }
+                }
+                found.insert(name, (si, info, data_start));
+            }
+            shards.push(shard);
+        }
+        if let Some(map) = &routing {
+            for (name, file_name) in map {
+                if !found.contains_key(name) {
+                    return Err(SourceError::MissingInShard { path: dir.join(file_name), name: name.clone() });
+                }
+            }
+        }
+        let (tensors, skipped) = match_tensors(&dir, &config, &shards, found)?;
+        Ok(Checkpoint { dir, config, shards, tensors, skipped })
+    }
+
+    /// The raw little-endian bytes of a tensor (borrowed from the memory map).
+    pub fn bytes(&self, t: &SourceTensor) -> &[u8] {
+        // Ranges were checked against the map when the shard was opened.
+        &self.shards[t.shard].mmap[t.start..t.end]
+    }
+
+    /// Tells the kernel the tensor's pages are no longer needed, so that resident memory stays
+    /// bounded by the tensors in flight rather than growing to the size of the checkpoint.
+    /// Purely advisory: the pages are reloaded from the page cache if touched again.
+    pub fn release(&self, t: &SourceTensor) {
+        let mmap = &self.shards[t.shard].mmap;
+        // SAFETY: the mapping is a read-only shared file mapping; MADV_DONTNEED on it only drops
+        // page-table entries, and later reads fault the same file contents back in.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.start, t.end - t.start)
+        };
+    }
+
+    /// SHA-256 of every shard file, in shard order, read sequentially with plain reads (not
+    /// through the memory map, so that hashing does not add to resident memory).
+    pub fn hash_shards(&self) -> Result<Vec<String>, SourceError> {
+        self.shards.iter().map(|s| sha256_file(&s.path)).collect()
+    }
+
+    /// Total bytes of the tensors in canonical order (the work a conversion reads).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| (t.end - t.start) as u64).sum()
+    }
+}
+
+/// SHA-256 of a file, as lower-case hex.
+pub fn sha256_file(path: &Path) -> Result<String, SourceError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Lower-case hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses `model.safetensors.index.json`: returns the shard files in order of first use (sorted
+/// by name) and the tensor-to-shard map.
+fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>), SourceError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let bad = |reason: String| SourceError::Index { path: path.to_path_buf(), reason };
+    let index: Index = serde_json::from_slice(&read_small(path)?).map_err(|e| bad(e.to_string()))?;
+    let mut names: Vec<String> = index.weight_map.values().cloned().collect();
+    names.sort();
+    names.dedup();
+    for n in &names {
+        let plain = Path::new(n).file_name().map(|f| f == n.as_str()).unwrap_or(false);
+        if !plain || n.starts_with('.') {
+            return Err(bad(format!("shard name `{n}` is not a plain file name inside the model directory")));
+        }
+    }
+    if names.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    Ok((names, index.weight_map))
+}
+
+type ShardInfos = Vec<(String, safetensors::tensor::TensorInfo, usize)>;
+
+/// Maps and validates one safetensors file; returns each tensor with the absolute offset of the
+/// data section.
+fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), SourceError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    let bad = |reason: String| SourceError::Safetensors { path: path.to_path_buf(), reason };
+    if len < 8 {
+        return Err(bad(format!("the file is {len} bytes long, shorter than the 8-byte header length")));
+    }
+    // SAFETY: the map is read-only. Like every mmap-based reader we assume the file is not
+    // truncated or rewritten by another process while we run.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+    let header = mmap.get(8..8 + header_len).ok_or_else(|| bad("header out of bounds".into()))?;
+    if let Some(name) = first_duplicate_key(header) {
+        return Err(SourceError::DuplicateTensor { path: path.to_path_buf(), name });
+    }
+    let data_start = 8 + header_len;
+    let infos = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone(), data_start))
+        .collect();
+    Ok((Shard { file_name: file_name.to_string(), path: path.to_path_buf(), len, mmap }, infos))
+}
+
+/// Finds a key that occurs twice at the top level of a safetensors header (serde_json keeps the
+/// last one silently, and the safetensors crate does not check).
+fn first_duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys(Option<String>);
+    impl<'de> Visitor<'de> for &mut Keys {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) && self.0.is_none() {
+                    self.0 = Some(key);
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut keys = Keys(None);
+    let mut de = serde_json::Deserializer::from_slice(header);
+    de.deserialize_map(&mut keys).ok()?;
+    keys.0
+}
+
+type Found = BTreeMap<String, (usize, safetensors::tensor::TensorInfo, usize)>;
+
+/// Matches the tensors found in the files against the list implied by the config.
+fn match_tensors(
+    dir: &Path,
+    config: &ModelConfig,
+    shards: &[Shard],
+    mut found: Found,
+) -> Result<(Vec<SourceTensor>, Vec<String>), SourceError> {
+    let mut tensors = Vec::new();
+    for spec in expected_tensors(config) {
+        let Some((si, info, data_start)) = found.remove(&spec.name) else {
+            return Err(SourceError::MissingTensor { dir: dir.to_path_buf(), name: spec.name, expected: spec.shape });
+        };
+        let path = shards[si].path.clone();
+        let dtype = FloatDtype::from_safetensors(info.dtype).ok_or_else(|| {
+            let dtype = format!("{:?}", info.dtype);
+            if spec.role.is_ternary() && matches!(info.dtype, safetensors::Dtype::U8 | safetensors::Dtype::I8) {
+                SourceError::PackedCheckpoint { path: path.clone(), tensor: spec.name.clone(), dtype }
+            } else {
+                SourceError::UnsupportedDtype { path: path.clone(), tensor: spec.name.clone(), dtype }
+            }
+        })?;
+        if info.shape != spec.shape {
+            return Err(SourceError::ShapeMismatch { path, name: spec.name, expected: spec.shape, found: info.shape });
+        }
+        let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
+        tensors.push(SourceTensor { spec, dtype, shard: si, start, end });
+    }
+    let mut skipped = Vec::new();
+    for (name, (si, info, data_start)) in found {
+        if IGNORED_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+            skipped.push(name);
+            continue;
+        }
+        if name == "lm_head.weight" && config.tie_word_embeddings {
+            // Some exporters write the tied head out anyway; accept it only if it is the same data.
+            let embed = &tensors[0];
+            let shard = &shards[si];
+            let head = shard.mmap.get(data_start + info.data_offsets.0..data_start + info.data_offsets.1);
+            let same = FloatDtype::from_safetensors(info.dtype) == Some(embed.dtype)
+                && info.shape == embed.spec.shape
+                && head == shards[embed.shard].mmap.get(embed.start..embed.end);
+            if !same {
+                return Err(SourceError::TiedHeadDiffers { path: shard.path.clone() });
+            }
+            skipped.push(name);
+            continue;
+        }
+        return Err(SourceError::UnexpectedTensor {
+            path: shards[si].path.clone(),
+            name,
+            architecture: config.architecture.clone(),
+        });
+    }
+    debug_assert!(tensors.first().map(|t| t.spec.role == Role::Embedding).unwrap_or(false));
+    Ok((tensors, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_header_keys_are_found() {
+        let h = br#"{"a": {"x": 1}, "b": [], "a": 3}"#;
+        assert_eq!(first_duplicate_key(h).as_deref(), Some("a"));
+        assert_eq!(first_duplicate_key(br#"{"a": 1, "b": 2}"#), None);
+    }
+}
