@@ -27,7 +27,14 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         force: a.force,
     };
     // The bar's length is set once the checkpoint is open; until then it shows a spinner.
-    let bar = ProgressBar::with_draw_target(None, if a.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    let bar = ProgressBar::with_draw_target(
+        None,
+        if a.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
     bar.set_style(
         ProgressStyle::with_template("{spinner} converting [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
             .expect("the template is valid")
@@ -38,12 +45,18 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         bar.set_length(t);
     }
     let start = Instant::now();
-    let summary = with_threads(a.threads, || convert(&a.src, &a.output, &opts, &|n| bar.inc(n)))?
-        .with_context(|| format!("could not convert {}", a.src.display()))?;
+    let summary = with_threads(a.threads, || {
+        convert(&a.src, &a.output, &opts, &|n| bar.inc(n))
+    })?
+    .with_context(|| format!("could not convert {}", a.src.display()))?;
     bar.finish_and_clear();
     if !a.quiet {
         let h = &summary.header;
-        let ternary: Vec<_> = h.tensors.iter().filter(|t| t.encoding.ternary().is_some()).collect();
+        let ternary: Vec<_> = h
+            .tensors
+            .iter()
+            .filter(|t| t.encoding.ternary().is_some())
+            .collect();
         let params: u64 = ternary.iter().filter_map(|t| t.numel()).sum();
         let bytes: u64 = ternary.iter().map(|t| t.length).sum();
         let secs = start.elapsed().as_secs_f64();

@@ -15,12 +15,15 @@ fn bits_per_weight(t: &TensorEntry) -> f64 {
 }
 
 pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
-    let file = BpkFile::open(&a.file).with_context(|| format!("could not read {}", a.file.display()))?;
+    let file =
+        BpkFile::open(&a.file).with_context(|| format!("could not read {}", a.file.display()))?;
     let h = &file.header;
     let FormatVersion::V1 { minor } = file.version;
     let file_len = file.bytes().len() as u64;
-    let (ternary, other): (Vec<&TensorEntry>, Vec<&TensorEntry>) =
-        h.tensors.iter().partition(|t| t.encoding.ternary().is_some());
+    let (ternary, other): (Vec<&TensorEntry>, Vec<&TensorEntry>) = h
+        .tensors
+        .iter()
+        .partition(|t| t.encoding.ternary().is_some());
     let t_params: u64 = ternary.iter().filter_map(|t| t.numel()).sum();
     let t_bytes: u64 = ternary.iter().map(|t| t.length).sum();
     let o_params: u64 = other.iter().filter_map(|t| t.numel()).sum();
@@ -58,12 +61,25 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
 
     let m = &h.model;
     let mut s = String::new();
-    writeln!(s, "file         {} ({}, format 1.{minor})", a.file.display(), human_bytes(file_len))?;
+    writeln!(
+        s,
+        "file         {} ({}, format 1.{minor})",
+        a.file.display(),
+        human_bytes(file_len)
+    )?;
     writeln!(
         s,
         "model        {} ({:?}): {} layers, hidden {}, ffn {}, heads {}/{} kv (head_dim {}), vocab {}, max positions {}",
-        m.architecture, m.family, m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads,
-        m.head_dim, m.vocab_size, m.max_position_embeddings
+        m.architecture,
+        m.family,
+        m.num_layers,
+        m.hidden_size,
+        m.intermediate_size,
+        m.num_heads,
+        m.num_kv_heads,
+        m.head_dim,
+        m.vocab_size,
+        m.max_position_embeddings
     )?;
     writeln!(
         s,
@@ -71,7 +87,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
         m.hidden_act,
         m.rope_theta,
         m.rms_norm_eps,
-        if m.tie_word_embeddings { "tied to lm_head" } else { "untied" }
+        if m.tie_word_embeddings {
+            "tied to lm_head"
+        } else {
+            "untied"
+        }
     )?;
     let q = &h.quantization;
     writeln!(
@@ -81,7 +101,11 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
         q.weights.eps,
         q.activations.rule,
         q.activations.bits,
-        if q.online_rotations.is_empty() { "none".to_string() } else { q.online_rotations.len().to_string() }
+        if q.online_rotations.is_empty() {
+            "none".to_string()
+        } else {
+            q.online_rotations.len().to_string()
+        }
     )?;
     writeln!(
         s,
@@ -90,17 +114,43 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
         t_params,
         human_bytes(t_bytes)
     )?;
-    writeln!(s, "other        {} tensors, {} elements in {}", other.len(), o_params, human_bytes(o_bytes))?;
+    writeln!(
+        s,
+        "other        {} tensors, {} elements in {}",
+        other.len(),
+        o_params,
+        human_bytes(o_bytes)
+    )?;
     let p = &h.provenance;
-    writeln!(s, "written by   {} {}, options {:?}", p.tool, p.tool_version, p.options)?;
+    writeln!(
+        s,
+        "written by   {} {}, options {:?}",
+        p.tool, p.tool_version, p.options
+    )?;
     for f in &p.source_files {
-        writeln!(s, "source       {} ({} bytes, sha256 {})", f.name, f.bytes, f.sha256)?;
+        writeln!(
+            s,
+            "source       {} ({} bytes, sha256 {})",
+            f.name, f.bytes, f.sha256
+        )?;
     }
     writeln!(s)?;
-    writeln!(s, "{:<48} {:<13} {:>5} {:<4} {:<14} {:>13} {:>12} {:>6}", "tensor", "role", "layer", "enc", "shape", "scale", "bytes", "bits/w")?;
+    writeln!(
+        s,
+        "{:<48} {:<13} {:>5} {:<4} {:<14} {:>13} {:>12} {:>6}",
+        "tensor", "role", "layer", "enc", "shape", "scale", "bytes", "bits/w"
+    )?;
     for t in &h.tensors {
-        let shape = t.shape.iter().map(u64::to_string).collect::<Vec<_>>().join("x");
-        let scale = t.scale_f32().map(|v| format!("{v:.6e}")).unwrap_or_else(|| "-".into());
+        let shape = t
+            .shape
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join("x");
+        let scale = t
+            .scale_f32()
+            .map(|v| format!("{v:.6e}"))
+            .unwrap_or_else(|| "-".into());
         let enc = match t.compression {
             crate::format::Compression::Zstd => format!("{}+z", t.encoding.as_str()),
             crate::format::Compression::None => t.encoding.as_str().to_string(),

@@ -21,7 +21,11 @@ pub const EXIT_CHECK_FAILED: u8 = 1;
 pub const EXIT_ERROR: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "bitnet-pack", version, about = "Pack LLM checkpoints into ternary (BitNet b1.58) models and check them")]
+#[command(
+    name = "bitnet-pack",
+    version,
+    about = "Pack LLM checkpoints into ternary (BitNet b1.58) models and check them"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -139,11 +143,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs `f` on a rayon pool of `threads` workers (default: the global pool).
-fn with_threads<T: Send>(threads: Option<usize>, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+fn with_threads<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> T + Send,
+) -> anyhow::Result<T> {
     match threads {
         None => Ok(f()),
         Some(0) => anyhow::bail!("--threads must be at least 1"),
-        Some(n) => Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(f)),
+        Some(n) => Ok(rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()?
+            .install(f)),
     }
 }
 
@@ -165,5 +175,9 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.2} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }

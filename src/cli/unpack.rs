@@ -10,12 +10,18 @@ use crate::format::BpkFile;
 use crate::source::FloatDtype;
 
 pub fn run(a: UnpackArgs) -> anyhow::Result<ExitCode> {
-    let file = BpkFile::open(&a.file).with_context(|| format!("could not read {}", a.file.display()))?;
+    let file =
+        BpkFile::open(&a.file).with_context(|| format!("could not read {}", a.file.display()))?;
     let dtype = match a.dtype {
         UnpackDtype::F32 => FloatDtype::F32,
         UnpackDtype::Bf16 => FloatDtype::Bf16,
     };
-    let n = unpack(&file, &a.output, dtype, a.force).with_context(|| format!("could not unpack {}", a.file.display()))?;
-    eprintln!("wrote {}: {n} tensors as {}", a.output.display(), dtype.as_str());
+    let n = unpack(&file, &a.output, dtype, a.force)
+        .with_context(|| format!("could not unpack {}", a.file.display()))?;
+    eprintln!(
+        "wrote {}: {n} tensors as {}",
+        a.output.display(),
+        dtype.as_str()
+    );
     Ok(ExitCode::SUCCESS)
 }

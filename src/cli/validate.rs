@@ -25,11 +25,19 @@ pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
             report.data_bytes_checked
         ))?;
     } else {
-        let mut text = format!("{}: INVALID, {} problem(s):\n", a.file.display(), report.findings.len());
+        let mut text = format!(
+            "{}: INVALID, {} problem(s):\n",
+            a.file.display(),
+            report.findings.len()
+        );
         for f in &report.findings {
             text.push_str(&format!("  [{}] {}\n", f.kind, f.message));
         }
         print(&text)?;
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_CHECK_FAILED) })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CHECK_FAILED)
+    })
 }

@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::format::writer::TensorSink;
-use crate::format::{BpkWriter, Compression, Encoding, Header, Provenance, QuantScheme, SourceFile, TensorPlan, WriteError};
+use crate::format::{
+    BpkWriter, Compression, Encoding, Header, Provenance, QuantScheme, SourceFile, TensorPlan,
+    WriteError,
+};
 use crate::pack::TernaryLayout;
 use crate::quant::{AbsmeanScale, abs_sum_f64};
 use crate::source::dtype::{decode_f32, encode_f32};
@@ -45,8 +48,15 @@ pub enum ConvertError {
     Source(#[from] SourceError),
     #[error("{path}: {source}")]
     Write { path: PathBuf, source: WriteError },
-    #[error("{path}: tensor `{tensor}` has a non-finite value {value} at index {index:?}; the checkpoint is damaged or was saved after a diverged training step")]
-    NonFinite { path: PathBuf, tensor: String, index: Vec<usize>, value: f32 },
+    #[error(
+        "{path}: tensor `{tensor}` has a non-finite value {value} at index {index:?}; the checkpoint is damaged or was saved after a diverged training step"
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        index: Vec<usize>,
+        value: f32,
+    },
 }
 
 /// What a conversion produced.
@@ -60,23 +70,42 @@ pub struct ConvertSummary {
 
 /// Converts the checkpoint at `src` into a .bpk file at `out`. `progress` is called with the
 /// number of source bytes just processed.
-pub fn convert(src: &Path, out: &Path, opts: &ConvertOptions, progress: &(dyn Fn(u64) + Sync)) -> Result<ConvertSummary, ConvertError> {
+pub fn convert(
+    src: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ConvertSummary, ConvertError> {
     let ckpt = Checkpoint::open(src)?;
-    let write_err = |source| ConvertError::Write { path: out.to_path_buf(), source };
+    let write_err = |source| ConvertError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
 
     let plans: Vec<TensorPlan> = ckpt.tensors.iter().map(|t| plan(t, opts)).collect();
     let config_sha = sha256_file(&ckpt.dir.join(CONFIG_FILE))?;
-    let config_len = std::fs::metadata(ckpt.dir.join(CONFIG_FILE)).map(|m| m.len()).unwrap_or(0);
+    let config_len = std::fs::metadata(ckpt.dir.join(CONFIG_FILE))
+        .map(|m| m.len())
+        .unwrap_or(0);
     let provenance_with = |shard_hashes: &[String]| Provenance {
         tool: env!("CARGO_PKG_NAME").to_string(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        source_files: std::iter::once(SourceFile { name: CONFIG_FILE.into(), bytes: config_len, sha256: config_sha.clone() })
-            .chain(ckpt.shards.iter().zip(shard_hashes).map(|(s, h)| SourceFile {
-                name: s.file_name.clone(),
-                bytes: s.len,
-                sha256: h.clone(),
-            }))
-            .collect(),
+        source_files: std::iter::once(SourceFile {
+            name: CONFIG_FILE.into(),
+            bytes: config_len,
+            sha256: config_sha.clone(),
+        })
+        .chain(
+            ckpt.shards
+                .iter()
+                .zip(shard_hashes)
+                .map(|(s, h)| SourceFile {
+                    name: s.file_name.clone(),
+                    bytes: s.len,
+                    sha256: h.clone(),
+                }),
+        )
+        .collect(),
         options: options_record(opts),
     };
     let placeholder: Vec<String> = ckpt.shards.iter().map(|_| "0".repeat(64)).collect();
@@ -93,18 +122,31 @@ pub fn convert(src: &Path, out: &Path, opts: &ConvertOptions, progress: &(dyn Fn
     let (hashes, written) = std::thread::scope(|scope| {
         let hasher = scope.spawn(|| ckpt.hash_shards());
         let written = write_tensors(&ckpt, &mut writer, out, opts, progress);
-        (hasher.join().expect("the hashing thread does not panic"), written)
+        (
+            hasher.join().expect("the hashing thread does not panic"),
+            written,
+        )
     });
     written?;
     let hashes = hashes?;
     let (header, file_len) = writer.finish(provenance_with(&hashes)).map_err(write_err)?;
-    Ok(ConvertSummary { header, file_len, source_tensor_bytes: ckpt.tensor_bytes() })
+    Ok(ConvertSummary {
+        header,
+        file_len,
+        source_tensor_bytes: ckpt.tensor_bytes(),
+    })
 }
 
 fn options_record(opts: &ConvertOptions) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("layout".to_string(), opts.layout.as_str().to_string()),
-        ("keep".to_string(), opts.keep.map(|d| d.as_str()).unwrap_or("source").to_string()),
+        (
+            "keep".to_string(),
+            opts.keep
+                .map(|d| d.as_str())
+                .unwrap_or("source")
+                .to_string(),
+        ),
         ("compress".to_string(), opts.compress.to_string()),
     ])
 }
@@ -123,7 +165,11 @@ fn plan(t: &SourceTensor, opts: &ConvertOptions) -> TensorPlan {
         layer: t.spec.layer.map(|l| l as u32),
         encoding,
         shape: t.spec.shape.iter().map(|&d| d as u64).collect(),
-        compression: if opts.compress && !ternary { Compression::Zstd } else { Compression::None },
+        compression: if opts.compress && !ternary {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
     }
 }
 
@@ -134,7 +180,10 @@ fn write_tensors(
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), ConvertError> {
-    let out_path = |source: WriteError| ConvertError::Write { path: out.to_path_buf(), source };
+    let out_path = |source: WriteError| ConvertError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
     for t in &ckpt.tensors {
         let bytes = ckpt.bytes(t);
         let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
@@ -145,9 +194,11 @@ fn write_tensors(
         };
         if t.spec.role.is_ternary() {
             let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
-            let (scale, packed) =
-                ternarize(t.dtype, bytes, rows, k, opts.layout).map_err(|(i, v)| non_finite(i, v))?;
-            writer.write_tensor(Some(scale.scale), |sink| sink.write_all(&packed)).map_err(out_path)?;
+            let (scale, packed) = ternarize(t.dtype, bytes, rows, k, opts.layout)
+                .map_err(|(i, v)| non_finite(i, v))?;
+            writer
+                .write_tensor(Some(scale.scale), |sink| sink.write_all(&packed))
+                .map_err(out_path)?;
         } else {
             if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
                 return Err(non_finite(i, v));
@@ -155,7 +206,9 @@ fn write_tensors(
             let target = opts.keep.unwrap_or(t.dtype);
             let compress = opts.compress;
             writer
-                .write_tensor(None, |sink| copy_float(t.dtype, target, compress, bytes, sink))
+                .write_tensor(None, |sink| {
+                    copy_float(t.dtype, target, compress, bytes, sink)
+                })
                 .map_err(out_path)?;
         }
         ckpt.release(t);
@@ -207,16 +260,19 @@ pub fn ternarize(
     // Pass 2: ternarize and pack each row.
     let row_bytes = layout.row_bytes(k);
     let mut packed = vec![0u8; rows * row_bytes];
-    packed.par_chunks_mut(row_bytes).zip(bytes.par_chunks(src_row)).for_each_init(
-        || (vec![0f32; k], vec![0i8; k]),
-        |(weights, trits), (dst, src)| {
-            decode_f32(dtype, src, weights);
-            for (t, &w) in trits.iter_mut().zip(weights.iter()) {
-                *t = scale.trit(w);
-            }
-            layout.pack_row(trits, dst);
-        },
-    );
+    packed
+        .par_chunks_mut(row_bytes)
+        .zip(bytes.par_chunks(src_row))
+        .for_each_init(
+            || (vec![0f32; k], vec![0i8; k]),
+            |(weights, trits), (dst, src)| {
+                decode_f32(dtype, src, weights);
+                for (t, &w) in trits.iter_mut().zip(weights.iter()) {
+                    *t = scale.trit(w);
+                }
+                layout.pack_row(trits, dst);
+            },
+        );
     Ok((scale, packed))
 }
 
@@ -231,7 +287,10 @@ fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
             |buf, (c, src)| {
                 let n = src.len() / dtype.size();
                 decode_f32(dtype, src, &mut buf[..n]);
-                buf[..n].iter().position(|v| !v.is_finite()).map(|i| (c * STREAM_CHUNK + i, buf[i]))
+                buf[..n]
+                    .iter()
+                    .position(|v| !v.is_finite())
+                    .map(|i| (c * STREAM_CHUNK + i, buf[i]))
             },
         )
         .find_first(Option::is_some)
@@ -239,9 +298,20 @@ fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
 }
 
 /// Streams a float tensor into the sink: as is, re-encoded to `target`, and/or zstd-compressed.
-fn copy_float(source: FloatDtype, target: FloatDtype, compress: bool, bytes: &[u8], sink: &mut TensorSink<'_>) -> io::Result<()> {
+fn copy_float(
+    source: FloatDtype,
+    target: FloatDtype,
+    compress: bool,
+    bytes: &[u8],
+    sink: &mut TensorSink<'_>,
+) -> io::Result<()> {
     let mut out: Box<dyn Write + '_> = if compress {
-        Box::new(zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?.auto_finish())
+        // Declaring the content size lets zstd pick a window no larger than the tensor, which
+        // keeps decompression memory small, and lets readers check the length up front.
+        let mut enc = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
+        enc.include_contentsize(true)?;
+        enc.set_pledged_src_size(Some((bytes.len() / source.size() * target.size()) as u64))?;
+        Box::new(enc.auto_finish())
     } else {
         Box::new(sink)
     };
@@ -287,14 +357,20 @@ mod tests {
 
     #[test]
     fn ternarize_matches_a_direct_computation() {
-        let vals: Vec<f32> = (0..3 * 130).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        let vals: Vec<f32> = (0..3 * 130)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
         let mut bytes = Vec::new();
         encode_f32(FloatDtype::F32, &vals, &mut bytes);
-        let (scale, packed) = ternarize(FloatDtype::F32, &bytes, 3, 130, TernaryLayout::I8).unwrap();
+        let (scale, packed) =
+            ternarize(FloatDtype::F32, &bytes, 3, 130, TernaryLayout::I8).unwrap();
         let mean = vals.iter().map(|v| f64::from(v.abs())).sum::<f64>() / vals.len() as f64;
         assert_eq!(scale.mean_abs, mean as f32);
         for (p, v) in packed.iter().zip(&vals) {
-            assert_eq!(*p as i8, (v * scale.inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8);
+            assert_eq!(
+                *p as i8,
+                (v * scale.inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8
+            );
         }
     }
 }

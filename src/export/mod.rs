@@ -15,7 +15,9 @@ use crate::source::dtype::encode_f32;
 pub enum UnpackError {
     #[error("{path} already exists; pass --force to overwrite it")]
     Exists { path: PathBuf },
-    #[error("{path} fails validation ({first}); run `bitnet-pack validate` on it for the full report")]
+    #[error(
+        "{path} fails validation ({first}); run `bitnet-pack validate` on it for the full report"
+    )]
     Invalid { path: PathBuf, first: String },
     #[error("{path}: cannot write safetensors: {reason}")]
     Write { path: PathBuf, reason: String },
@@ -37,7 +39,10 @@ impl safetensors::View for Lazy<'_> {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        let values = self.file.dequantize_f32(self.entry).expect("the file passed validation before export");
+        let values = self
+            .file
+            .dequantize_f32(self.entry)
+            .expect("the file passed validation before export");
         let mut out = Vec::new();
         encode_f32(self.dtype, &values, &mut out);
         Cow::Owned(out)
@@ -49,13 +54,23 @@ impl safetensors::View for Lazy<'_> {
 
 /// Writes every tensor of `file` to a safetensors file at `out` in `dtype`. Returns the number
 /// of tensors written.
-pub fn unpack(file: &BpkFile, out: &Path, dtype: FloatDtype, force: bool) -> Result<usize, UnpackError> {
+pub fn unpack(
+    file: &BpkFile,
+    out: &Path,
+    dtype: FloatDtype,
+    force: bool,
+) -> Result<usize, UnpackError> {
     if !force && out.exists() {
-        return Err(UnpackError::Exists { path: out.to_path_buf() });
+        return Err(UnpackError::Exists {
+            path: out.to_path_buf(),
+        });
     }
     let report = validate_bytes(file.bytes());
     if let Some(first) = report.findings.first() {
-        return Err(UnpackError::Invalid { path: file.path.clone(), first: first.message.clone() });
+        return Err(UnpackError::Invalid {
+            path: file.path.clone(),
+            first: first.message.clone(),
+        });
     }
     let views: Vec<(String, Lazy<'_>)> = file
         .header
@@ -63,17 +78,34 @@ pub fn unpack(file: &BpkFile, out: &Path, dtype: FloatDtype, force: bool) -> Res
         .iter()
         .map(|entry| {
             let shape = entry.shape.iter().map(|&d| d as usize).collect();
-            (entry.name.clone(), Lazy { file, entry, dtype, shape })
+            (
+                entry.name.clone(),
+                Lazy {
+                    file,
+                    entry,
+                    dtype,
+                    shape,
+                },
+            )
         })
         .collect();
-    let source_name = file.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let source_name = file
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let metadata = HashMap::from([
         ("format".to_string(), "pt".to_string()),
         ("bitnet_pack_source".to_string(), source_name),
-        ("bitnet_pack_version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        (
+            "bitnet_pack_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
     ]);
     let n = views.len();
-    safetensors::serialize_to_file(views, Some(metadata), out)
-        .map_err(|e| UnpackError::Write { path: out.to_path_buf(), reason: e.to_string() })?;
+    safetensors::serialize_to_file(views, Some(metadata), out).map_err(|e| UnpackError::Write {
+        path: out.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     Ok(n)
 }

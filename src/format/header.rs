@@ -71,7 +71,11 @@ impl QuantScheme {
                 rule: WeightRule::AbsmeanPerTensor,
                 eps: f64::from(crate::quant::ABSMEAN_EPS),
             },
-            activations: ActivationScheme { rule: ActivationRule::AbsmaxPerToken, bits: 8, eps: 1e-5 },
+            activations: ActivationScheme {
+                rule: ActivationRule::AbsmaxPerToken,
+                bits: 8,
+                eps: 1e-5,
+            },
             online_rotations: Vec::new(),
         }
     }
@@ -207,7 +211,9 @@ impl TensorEntry {
 
     /// Number of elements.
     pub fn numel(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 }
 

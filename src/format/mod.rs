@@ -43,7 +43,8 @@ pub const HEADER_PAD: u8 = b' ';
 
 /// `n` rounded up to a multiple of [`ALIGNMENT`], or `None` on overflow.
 pub fn align_up(n: u64) -> Option<u64> {
-    n.checked_add(ALIGNMENT - 1).map(|v| v / ALIGNMENT * ALIGNMENT)
+    n.checked_add(ALIGNMENT - 1)
+        .map(|v| v / ALIGNMENT * ALIGNMENT)
 }
 
 /// Offset of the data section for a header of `header_len` bytes (§2).
@@ -108,7 +109,9 @@ impl Preamble {
     /// which knows the file length).
     pub fn parse(b: &[u8; PREAMBLE_LEN]) -> Result<Self, FormatError> {
         if b[..8] != MAGIC {
-            return Err(FormatError::BadMagic { found: b[..8].try_into().expect("8-byte slice") });
+            return Err(FormatError::BadMagic {
+                found: b[..8].try_into().expect("8-byte slice"),
+            });
         }
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4-byte slice"));
@@ -150,7 +153,10 @@ mod tests {
         assert_eq!(Preamble::parse(&p.to_bytes()).unwrap(), p);
         let mut bad = p.to_bytes();
         bad[0] = b'G';
-        assert!(matches!(Preamble::parse(&bad), Err(FormatError::BadMagic { .. })));
+        assert!(matches!(
+            Preamble::parse(&bad),
+            Err(FormatError::BadMagic { .. })
+        ));
     }
 
     #[test]
@@ -165,7 +171,10 @@ mod tests {
 
     #[test]
     fn versions() {
-        assert_eq!(FormatVersion::decode(1, 9).unwrap(), FormatVersion::V1 { minor: 9 });
+        assert_eq!(
+            FormatVersion::decode(1, 9).unwrap(),
+            FormatVersion::V1 { minor: 9 }
+        );
         assert!(matches!(
             FormatVersion::decode(2, 0),
             Err(FormatError::UnsupportedVersion { major: 2, minor: 0 })

@@ -13,8 +13,8 @@ use memmap2::Mmap;
 
 use super::header::{Compression, Header, TensorEntry};
 use super::{
-    ALIGNMENT, FormatVersion, HEADER_PAD, MAX_HEADER_LEN, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS, PREAMBLE_LEN,
-    Preamble, data_offset_for,
+    ALIGNMENT, FormatVersion, HEADER_PAD, MAX_HEADER_LEN, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS,
+    PREAMBLE_LEN, Preamble, data_offset_for,
 };
 use crate::pack::CodeError;
 
@@ -22,32 +22,54 @@ use crate::pack::CodeError;
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("the file is {len} bytes long, shorter than the {PREAMBLE_LEN}-byte preamble; it is truncated or not a .bpk file")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the file is {len} bytes long, shorter than the {PREAMBLE_LEN}-byte preamble; it is truncated or not a .bpk file"
+    )]
     TooShort { len: u64 },
-    #[error("bad magic {found:02x?} at byte 0: not a .bpk file (or damaged by a text-mode transfer)")]
+    #[error(
+        "bad magic {found:02x?} at byte 0: not a .bpk file (or damaged by a text-mode transfer)"
+    )]
     BadMagic { found: [u8; 8] },
-    #[error("format version {major}.{minor} is not supported; this build reads major version {}", super::VERSION_MAJOR)]
+    #[error(
+        "format version {major}.{minor} is not supported; this build reads major version {}",
+        super::VERSION_MAJOR
+    )]
     UnsupportedVersion { major: u16, minor: u16 },
-    #[error("unknown flags {flags:#010x} at byte 12; version 1 files have none (written by a newer tool?)")]
+    #[error(
+        "unknown flags {flags:#010x} at byte 12; version 1 files have none (written by a newer tool?)"
+    )]
     UnknownFlags { flags: u32 },
     #[error("header length {header_len} (byte 16) exceeds the limit of {MAX_HEADER_LEN}")]
     HeaderTooLarge { header_len: u64 },
-    #[error("header of {header_len} bytes (byte 16) runs past the end of the {file_len}-byte file; the file is truncated")]
+    #[error(
+        "header of {header_len} bytes (byte 16) runs past the end of the {file_len}-byte file; the file is truncated"
+    )]
     HeaderOutOfBounds { header_len: u64, file_len: u64 },
     #[error("data offset {found} (byte 24) should be {expected} for this header length")]
     DataOffset { found: u64, expected: u64 },
-    #[error("header checksum mismatch (bytes 32..64): the preamble or header has been altered or damaged")]
+    #[error(
+        "header checksum mismatch (bytes 32..64): the preamble or header has been altered or damaged"
+    )]
     HeaderChecksum,
     #[error("header is not valid UTF-8 at byte {offset}")]
     HeaderUtf8 { offset: u64 },
     #[error("header JSON is invalid at line {line}, column {column}: {reason}")]
-    HeaderJson { line: usize, column: usize, reason: String },
+    HeaderJson {
+        line: usize,
+        column: usize,
+        reason: String,
+    },
     #[error("model config in the header is unusable: {reason}")]
     BadConfig { reason: String },
     #[error("non-zero byte in {region} padding at byte {offset}")]
     NonZeroPadding { region: &'static str, offset: u64 },
-    #[error("the file is {found} bytes long but the header describes {expected}; it is truncated or has trailing bytes")]
+    #[error(
+        "the file is {found} bytes long but the header describes {expected}; it is truncated or has trailing bytes"
+    )]
     FileLength { expected: u64, found: u64 },
     #[error("data_len {data_len} is not a multiple of {ALIGNMENT}")]
     DataLenUnaligned { data_len: u64 },
@@ -59,20 +81,48 @@ pub enum FormatError {
     BadName { name: String },
     #[error("tensor `{name}`: rank {rank} is 0 or above {MAX_RANK}, or a dimension is 0")]
     BadShape { name: String, rank: usize },
-    #[error("tensor `{name}`: shape {shape:?} does not suit encoding {encoding} (ternary tensors are 2-D) or overflows")]
-    ShapeEncoding { name: String, shape: Vec<u64>, encoding: &'static str },
+    #[error(
+        "tensor `{name}`: shape {shape:?} does not suit encoding {encoding} (ternary tensors are 2-D) or overflows"
+    )]
+    ShapeEncoding {
+        name: String,
+        shape: Vec<u64>,
+        encoding: &'static str,
+    },
     #[error("tensor `{name}`: role {role} cannot be stored as {encoding}")]
-    RoleEncoding { name: String, role: &'static str, encoding: &'static str },
+    RoleEncoding {
+        name: String,
+        role: &'static str,
+        encoding: &'static str,
+    },
     #[error("tensor `{name}`: {encoding} tensors cannot be compressed")]
-    CompressionNotAllowed { name: String, encoding: &'static str },
+    CompressionNotAllowed {
+        name: String,
+        encoding: &'static str,
+    },
     #[error("tensor `{name}`: offset {offset} is not a multiple of {ALIGNMENT}")]
     Misaligned { name: String, offset: u64 },
     #[error("tensor `{name}`: bytes {start}..{end} run past the data section end at {data_end}")]
-    OutOfBounds { name: String, start: u64, end: u64, data_end: u64 },
-    #[error("tensor `{name}` at byte {start} overlaps or precedes the previous tensor ending at byte {previous_end}")]
-    Overlap { name: String, start: u64, previous_end: u64 },
+    OutOfBounds {
+        name: String,
+        start: u64,
+        end: u64,
+        data_end: u64,
+    },
+    #[error(
+        "tensor `{name}` at byte {start} overlaps or precedes the previous tensor ending at byte {previous_end}"
+    )]
+    Overlap {
+        name: String,
+        start: u64,
+        previous_end: u64,
+    },
     #[error("tensor `{name}`: stored length {found} should be {expected}")]
-    StoredLength { name: String, expected: u64, found: u64 },
+    StoredLength {
+        name: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("tensor `{name}`: ternary tensors need a scale")]
     ScaleMissing { name: String },
     #[error("tensor `{name}`: only ternary tensors carry a scale")]
@@ -84,19 +134,41 @@ pub enum FormatError {
     #[error("tensor `{name}`: data checksum mismatch in bytes {start}..{end}")]
     DataChecksum { name: String, start: u64, end: u64 },
     #[error("tensor `{name}`: row {row}: {source}")]
-    BadCode { name: String, row: u64, source: CodeError },
-    #[error("tensor `{name}`: zstd data does not decompress to the {expected} bytes the shape needs: {reason}")]
-    Decompress { name: String, expected: u64, reason: String },
+    BadCode {
+        name: String,
+        row: u64,
+        source: CodeError,
+    },
+    #[error(
+        "tensor `{name}`: zstd data does not decompress to the {expected} bytes the shape needs: {reason}"
+    )]
+    Decompress {
+        name: String,
+        expected: u64,
+        reason: String,
+    },
     #[error("tensor `{name}`: element {index} is {value} (weights must be finite)")]
-    NonFinite { name: String, index: u64, value: f32 },
+    NonFinite {
+        name: String,
+        index: u64,
+        value: f32,
+    },
     #[error("tensor `{name}` is missing; the model config requires it")]
     MissingTensor { name: String },
     #[error("tensor `{name}` is not part of the model the config describes")]
     UnexpectedTensor { name: String },
     #[error("tensor `{name}`: shape {found:?} but the model config implies {expected:?}")]
-    ShapeVsConfig { name: String, expected: Vec<u64>, found: Vec<u64> },
+    ShapeVsConfig {
+        name: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
     #[error("tensor `{name}`: role {found} but the model config implies {expected}")]
-    RoleVsConfig { name: String, expected: &'static str, found: &'static str },
+    RoleVsConfig {
+        name: String,
+        expected: &'static str,
+        found: &'static str,
+    },
 }
 
 /// The bytes of a file: memory-mapped from disk, or owned (tests, fuzzing).
@@ -118,7 +190,10 @@ impl std::ops::Deref for Storage {
 impl Storage {
     /// Maps a file read-only.
     pub fn map(path: &Path) -> Result<Self, FormatError> {
-        let io = |source| FormatError::Io { path: path.to_path_buf(), source };
+        let io = |source| FormatError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if len < PREAMBLE_LEN as u64 {
@@ -159,8 +234,18 @@ impl BpkFile {
         if let Some(first) = problems.into_iter().next() {
             return Err(first);
         }
-        let Container { preamble, version, header } = container;
-        Ok(BpkFile { path: path.to_path_buf(), preamble, version, header, mmap })
+        let Container {
+            preamble,
+            version,
+            header,
+        } = container;
+        Ok(BpkFile {
+            path: path.to_path_buf(),
+            preamble,
+            version,
+            header,
+            mmap,
+        })
     }
 
     /// The whole file.
@@ -196,14 +281,24 @@ impl BpkFile {
         let numel = e.numel().unwrap_or(0) as usize;
         let mut out = vec![0f32; numel];
         if let Some(layout) = e.encoding.ternary() {
-            let scale = e.scale_f32().ok_or_else(|| FormatError::ScaleMissing { name: e.name.clone() })?;
+            let scale = e.scale_f32().ok_or_else(|| FormatError::ScaleMissing {
+                name: e.name.clone(),
+            })?;
             let k = e.shape[1] as usize;
             let row_bytes = layout.row_bytes(k);
             let mut trits = vec![0i8; k];
-            for (row, (dst, src)) in out.chunks_exact_mut(k).zip(raw.chunks_exact(row_bytes)).enumerate() {
+            for (row, (dst, src)) in out
+                .chunks_exact_mut(k)
+                .zip(raw.chunks_exact(row_bytes))
+                .enumerate()
+            {
                 layout
                     .unpack_row(src, &mut trits)
-                    .map_err(|source| FormatError::BadCode { name: e.name.clone(), row: row as u64, source })?;
+                    .map_err(|source| FormatError::BadCode {
+                        name: e.name.clone(),
+                        row: row as u64,
+                        source,
+                    })?;
                 for (d, &t) in dst.iter_mut().zip(&trits) {
                     *d = scale * f32::from(t);
                 }
@@ -216,11 +311,22 @@ impl BpkFile {
 }
 
 /// Decompresses one zstd frame, refusing to produce more than `expected` bytes.
-pub(crate) fn decompress_exact(name: &str, stored: &[u8], expected: u64) -> Result<Vec<u8>, FormatError> {
-    let fail = |reason: String| FormatError::Decompress { name: name.to_string(), expected, reason };
+pub(crate) fn decompress_exact(
+    name: &str,
+    stored: &[u8],
+    expected: u64,
+) -> Result<Vec<u8>, FormatError> {
+    let fail = |reason: String| FormatError::Decompress {
+        name: name.to_string(),
+        expected,
+        reason,
+    };
     let decoder = zstd::stream::read::Decoder::new(stored).map_err(|e| fail(e.to_string()))?;
     let mut out = Vec::with_capacity(expected.min(1 << 30) as usize);
-    decoder.take(expected + 1).read_to_end(&mut out).map_err(|e| fail(e.to_string()))?;
+    decoder
+        .take(expected + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| fail(e.to_string()))?;
     if out.len() as u64 != expected {
         return Err(fail(format!("got {} bytes", out.len())));
     }
@@ -239,7 +345,9 @@ pub(crate) fn parse_container(bytes: &[u8]) -> Result<(Container, Vec<FormatErro
     let preamble = Preamble::parse(pre)?;
     let version = FormatVersion::decode(preamble.major, preamble.minor)?;
     if preamble.flags != 0 {
-        return Err(FormatError::UnknownFlags { flags: preamble.flags });
+        return Err(FormatError::UnknownFlags {
+            flags: preamble.flags,
+        });
     }
     let header_len = preamble.header_len;
     if header_len > MAX_HEADER_LEN {
@@ -249,29 +357,46 @@ pub(crate) fn parse_container(bytes: &[u8]) -> Result<(Container, Vec<FormatErro
     let header_bytes = bytes
         .get(PREAMBLE_LEN..header_end as usize)
         .filter(|_| header_end <= file_len)
-        .ok_or(FormatError::HeaderOutOfBounds { header_len, file_len })?;
+        .ok_or(FormatError::HeaderOutOfBounds {
+            header_len,
+            file_len,
+        })?;
     let mut problems = Vec::new();
     if Preamble::compute_sha256(&preamble.head_bytes(), header_bytes) != preamble.header_sha256 {
         problems.push(FormatError::HeaderChecksum);
     }
     let expected_offset = data_offset_for(header_len).expect("header length is capped");
     if preamble.data_offset != expected_offset {
-        problems.push(FormatError::DataOffset { found: preamble.data_offset, expected: expected_offset });
+        problems.push(FormatError::DataOffset {
+            found: preamble.data_offset,
+            expected: expected_offset,
+        });
     }
-    let text = std::str::from_utf8(header_bytes)
-        .map_err(|e| FormatError::HeaderUtf8 { offset: PREAMBLE_LEN as u64 + e.valid_up_to() as u64 })?;
-    let json_end = text.trim_end_matches(HEADER_PAD as char).len();
-    let header: Header = serde_json::from_str(&text[..json_end]).map_err(|e| FormatError::HeaderJson {
-        line: e.line(),
-        column: e.column(),
-        reason: e.to_string(),
+    let text = std::str::from_utf8(header_bytes).map_err(|e| FormatError::HeaderUtf8 {
+        offset: PREAMBLE_LEN as u64 + e.valid_up_to() as u64,
     })?;
+    let json_end = text.trim_end_matches(HEADER_PAD as char).len();
+    let header: Header =
+        serde_json::from_str(&text[..json_end]).map_err(|e| FormatError::HeaderJson {
+            line: e.line(),
+            column: e.column(),
+            reason: e.to_string(),
+        })?;
     // The padding is all spaces by construction of `json_end`; JSON whitespace inside the text
     // other than the pad is the JSON parser's business.
     if header.tensors.len() > MAX_TENSORS {
-        return Err(FormatError::TooManyTensors { count: header.tensors.len() });
+        return Err(FormatError::TooManyTensors {
+            count: header.tensors.len(),
+        });
     }
-    Ok((Container { preamble, version, header }, problems))
+    Ok((
+        Container {
+            preamble,
+            version,
+            header,
+        },
+        problems,
+    ))
 }
 
 /// Checks the layout the header describes against the file: lengths, padding, the tensor table.
@@ -292,7 +417,10 @@ pub(crate) fn check_structure(c: &Container, bytes: &[u8]) -> Vec<FormatError> {
     }
     match data_offset.checked_add(data_len) {
         Some(expected) if expected == file_len => {}
-        expected => problems.push(FormatError::FileLength { expected: expected.unwrap_or(u64::MAX), found: file_len }),
+        expected => problems.push(FormatError::FileLength {
+            expected: expected.unwrap_or(u64::MAX),
+            found: file_len,
+        }),
     }
     let data_end = data_offset.saturating_add(data_len).min(file_len);
 
@@ -307,11 +435,23 @@ pub(crate) fn check_structure(c: &Container, bytes: &[u8]) -> Vec<FormatError> {
         let start = data_offset.saturating_add(e.offset);
         let end = start.saturating_add(e.length);
         if e.offset % ALIGNMENT != 0 {
-            problems.push(FormatError::Misaligned { name: e.name.clone(), offset: start });
+            problems.push(FormatError::Misaligned {
+                name: e.name.clone(),
+                offset: start,
+            });
         } else if end > data_end {
-            problems.push(FormatError::OutOfBounds { name: e.name.clone(), start, end, data_end });
+            problems.push(FormatError::OutOfBounds {
+                name: e.name.clone(),
+                start,
+                end,
+                data_end,
+            });
         } else if start < previous_end {
-            problems.push(FormatError::Overlap { name: e.name.clone(), start, previous_end });
+            problems.push(FormatError::Overlap {
+                name: e.name.clone(),
+                start,
+                previous_end,
+            });
         } else {
             check_zero(bytes, previous_end, start, "inter-tensor", &mut problems);
             previous_end = end;
@@ -331,50 +471,88 @@ fn check_entry(e: &TensorEntry, names: &mut HashSet<String>, problems: &mut Vec<
         problems.push(FormatError::DuplicateName { name: name() });
     }
     if e.shape.is_empty() || e.shape.len() > MAX_RANK || e.shape.contains(&0) {
-        problems.push(FormatError::BadShape { name: name(), rank: e.shape.len() });
+        problems.push(FormatError::BadShape {
+            name: name(),
+            rank: e.shape.len(),
+        });
         return;
     }
     let Some(raw_len) = e.encoding.raw_len(&e.shape) else {
-        problems.push(FormatError::ShapeEncoding { name: name(), shape: e.shape.clone(), encoding: e.encoding.as_str() });
+        problems.push(FormatError::ShapeEncoding {
+            name: name(),
+            shape: e.shape.clone(),
+            encoding: e.encoding.as_str(),
+        });
         return;
     };
     let ternary = e.encoding.ternary().is_some();
     if ternary != e.role.is_ternary() {
-        problems.push(FormatError::RoleEncoding { name: name(), role: e.role.as_str(), encoding: e.encoding.as_str() });
+        problems.push(FormatError::RoleEncoding {
+            name: name(),
+            role: e.role.as_str(),
+            encoding: e.encoding.as_str(),
+        });
     }
     match (e.compression, ternary) {
-        (Compression::None, _) if e.length != raw_len => {
-            problems.push(FormatError::StoredLength { name: name(), expected: raw_len, found: e.length })
-        }
-        (Compression::Zstd, true) => {
-            problems.push(FormatError::CompressionNotAllowed { name: name(), encoding: e.encoding.as_str() })
-        }
+        (Compression::None, _) if e.length != raw_len => problems.push(FormatError::StoredLength {
+            name: name(),
+            expected: raw_len,
+            found: e.length,
+        }),
+        (Compression::Zstd, true) => problems.push(FormatError::CompressionNotAllowed {
+            name: name(),
+            encoding: e.encoding.as_str(),
+        }),
         _ => {}
     }
     match (ternary, e.scale) {
         (true, None) => problems.push(FormatError::ScaleMissing { name: name() }),
         (false, Some(_)) => problems.push(FormatError::ScaleUnexpected { name: name() }),
         (true, Some(value)) => {
-            let ok = e.scale_f32().map(|s| s.is_finite() && s > 0.0).unwrap_or(false);
+            let ok = e
+                .scale_f32()
+                .map(|s| s.is_finite() && s > 0.0)
+                .unwrap_or(false);
             if !ok {
-                problems.push(FormatError::BadScale { name: name(), value });
+                problems.push(FormatError::BadScale {
+                    name: name(),
+                    value,
+                });
             }
         }
         (false, None) => {}
     }
-    let hex_ok = e.sha256.len() == 64 && e.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let hex_ok = e.sha256.len() == 64
+        && e.sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !hex_ok {
-        problems.push(FormatError::BadDigest { name: name(), value: e.sha256.clone() });
+        problems.push(FormatError::BadDigest {
+            name: name(),
+            value: e.sha256.clone(),
+        });
     }
 }
 
 /// Reports the first non-zero byte in `bytes[from..to]` (clamped to the file).
-fn check_zero(bytes: &[u8], from: u64, to: u64, region: &'static str, problems: &mut Vec<FormatError>) {
+fn check_zero(
+    bytes: &[u8],
+    from: u64,
+    to: u64,
+    region: &'static str,
+    problems: &mut Vec<FormatError>,
+) {
     let to = to.min(bytes.len() as u64);
     if from >= to {
         return;
     }
-    if let Some(i) = bytes[from as usize..to as usize].iter().position(|&b| b != 0) {
-        problems.push(FormatError::NonZeroPadding { region, offset: from + i as u64 });
+    if let Some(i) = bytes[from as usize..to as usize]
+        .iter()
+        .position(|&b| b != 0)
+    {
+        problems.push(FormatError::NonZeroPadding {
+            region,
+            offset: from + i as u64,
+        });
     }
 }

@@ -27,8 +27,16 @@ pub struct Finding {
 impl Finding {
     fn from_error(e: &FormatError, tensor: Option<&str>) -> Self {
         let debug = format!("{e:?}");
-        let kind = debug.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("").to_string();
-        Finding { kind, tensor: tensor.map(str::to_string), message: e.to_string() }
+        let kind = debug
+            .split(|c: char| !c.is_alphanumeric())
+            .next()
+            .unwrap_or("")
+            .to_string();
+        Finding {
+            kind,
+            tensor: tensor.map(str::to_string),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -55,7 +63,10 @@ impl ValidationReport {
 pub fn validate_file(path: &Path) -> Result<ValidationReport, FormatError> {
     match Storage::map(path) {
         Ok(storage) => Ok(validate_bytes(&storage)),
-        Err(e @ FormatError::TooShort { .. }) => Ok(report_fatal(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0), e)),
+        Err(e @ FormatError::TooShort { .. }) => Ok(report_fatal(
+            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            e,
+        )),
         Err(e) => Err(e),
     }
 }
@@ -77,12 +88,23 @@ pub fn validate_bytes(bytes: &[u8]) -> ValidationReport {
         Ok(v) => v,
         Err(e) => return report_fatal(file_len, e),
     };
-    let mut findings: Vec<Finding> = problems.iter().map(|e| Finding::from_error(e, None)).collect();
+    let mut findings: Vec<Finding> = problems
+        .iter()
+        .map(|e| Finding::from_error(e, None))
+        .collect();
     let structural = check_structure(&container, bytes);
-    findings.extend(structural.iter().map(|e| Finding::from_error(e, tensor_of(e))));
+    findings.extend(
+        structural
+            .iter()
+            .map(|e| Finding::from_error(e, tensor_of(e))),
+    );
     let config_ok = container.header.model.check_limits().is_ok();
     if config_ok {
-        findings.extend(check_against_config(&container.header).iter().map(|e| Finding::from_error(e, tensor_of(e))));
+        findings.extend(
+            check_against_config(&container.header)
+                .iter()
+                .map(|e| Finding::from_error(e, tensor_of(e))),
+        );
     }
     let data_offset = container.preamble.data_offset;
     let deep: Vec<(u64, Vec<FormatError>)> = container
@@ -96,7 +118,9 @@ pub fn validate_bytes(bytes: &[u8]) -> ValidationReport {
         data_bytes_checked += checked;
         findings.extend(errors.iter().map(|e| Finding::from_error(e, tensor_of(e))));
     }
-    let Container { preamble, header, .. } = container;
+    let Container {
+        preamble, header, ..
+    } = container;
     ValidationReport {
         version: Some(format!("{}.{}", preamble.major, preamble.minor)),
         file_len,
@@ -140,11 +164,17 @@ fn tensor_of(e: &FormatError) -> Option<&str> {
 pub(crate) fn check_against_config(header: &Header) -> Vec<FormatError> {
     let mut problems = Vec::new();
     let expected = expected_tensors(&header.model);
-    let by_name: HashMap<&str, &TensorEntry> = header.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: HashMap<&str, &TensorEntry> = header
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     for spec in &expected {
         let shape: Vec<u64> = spec.shape.iter().map(|&d| d as u64).collect();
         match by_name.get(spec.name.as_str()) {
-            None => problems.push(FormatError::MissingTensor { name: spec.name.clone() }),
+            None => problems.push(FormatError::MissingTensor {
+                name: spec.name.clone(),
+            }),
             Some(t) if t.shape != shape => problems.push(FormatError::ShapeVsConfig {
                 name: spec.name.clone(),
                 expected: shape,
@@ -161,7 +191,9 @@ pub(crate) fn check_against_config(header: &Header) -> Vec<FormatError> {
     let known: std::collections::HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
     for t in &header.tensors {
         if !known.contains(t.name.as_str()) {
-            problems.push(FormatError::UnexpectedTensor { name: t.name.clone() });
+            problems.push(FormatError::UnexpectedTensor {
+                name: t.name.clone(),
+            });
         }
     }
     problems
@@ -169,7 +201,12 @@ pub(crate) fn check_against_config(header: &Header) -> Vec<FormatError> {
 
 /// Reads one tensor's bytes: checksum, then codes or float values. Entries whose bounds are
 /// broken were reported by the structural checks and are skipped here.
-fn check_data(c: &Container, bytes: &[u8], data_offset: u64, e: &TensorEntry) -> (u64, Vec<FormatError>) {
+fn check_data(
+    c: &Container,
+    bytes: &[u8],
+    data_offset: u64,
+    e: &TensorEntry,
+) -> (u64, Vec<FormatError>) {
     let mut problems = Vec::new();
     let start = data_offset.saturating_add(e.offset);
     let end = start.saturating_add(e.length);
@@ -179,7 +216,11 @@ fn check_data(c: &Container, bytes: &[u8], data_offset: u64, e: &TensorEntry) ->
     };
     let digest = crate::source::hex(&Sha256::digest(stored));
     if digest != e.sha256 {
-        problems.push(FormatError::DataChecksum { name: e.name.clone(), start, end });
+        problems.push(FormatError::DataChecksum {
+            name: e.name.clone(),
+            start,
+            end,
+        });
     }
     let Some(raw_len) = e.encoding.raw_len(&e.shape) else {
         return (e.length, problems);
@@ -190,7 +231,11 @@ fn check_data(c: &Container, bytes: &[u8], data_offset: u64, e: &TensorEntry) ->
             let mut trits = vec![0i8; k];
             for (row, src) in stored.chunks_exact(layout.row_bytes(k)).enumerate() {
                 if let Err(source) = layout.unpack_row(src, &mut trits) {
-                    problems.push(FormatError::BadCode { name: e.name.clone(), row: row as u64, source });
+                    problems.push(FormatError::BadCode {
+                        name: e.name.clone(),
+                        row: row as u64,
+                        source,
+                    });
                     break;
                 }
             }
@@ -200,7 +245,11 @@ fn check_data(c: &Container, bytes: &[u8], data_offset: u64, e: &TensorEntry) ->
             Compression::None => scan_floats(&e.name, dtype, &mut &stored[..], raw_len),
             Compression::Zstd => match zstd::stream::read::Decoder::new(stored) {
                 Ok(mut d) => scan_floats(&e.name, dtype, &mut d, raw_len),
-                Err(err) => Err(FormatError::Decompress { name: e.name.clone(), expected: raw_len, reason: err.to_string() }),
+                Err(err) => Err(FormatError::Decompress {
+                    name: e.name.clone(),
+                    expected: raw_len,
+                    reason: err.to_string(),
+                }),
             },
         };
         if let Err(err) = result {
@@ -213,17 +262,30 @@ fn check_data(c: &Container, bytes: &[u8], data_offset: u64, e: &TensorEntry) ->
 /// Streams `expected` bytes of float elements from `r` in fixed-size chunks (so that a hostile
 /// zstd frame cannot make us allocate its claimed size), checking that every value is finite and
 /// that the stream holds exactly `expected` bytes.
-fn scan_floats(name: &str, dtype: crate::source::FloatDtype, r: &mut dyn Read, expected: u64) -> Result<(), FormatError> {
+fn scan_floats(
+    name: &str,
+    dtype: crate::source::FloatDtype,
+    r: &mut dyn Read,
+    expected: u64,
+) -> Result<(), FormatError> {
     const CHUNK: usize = 1 << 20;
     let size = dtype.size();
-    let mut buf = vec![0u8; CHUNK];
-    let mut vals = vec![0f32; CHUNK / size];
+    // No larger than the tensor: small tensors must not pay for a large buffer.
+    let chunk = (expected as usize).clamp(size, CHUNK) / size * size;
+    let mut buf = vec![0u8; chunk];
+    let mut vals = vec![0f32; chunk / size];
     let mut total: u64 = 0;
-    let decompress_err = |reason: String| FormatError::Decompress { name: name.to_string(), expected, reason };
+    let decompress_err = |reason: String| FormatError::Decompress {
+        name: name.to_string(),
+        expected,
+        reason,
+    };
     loop {
         let mut filled = 0;
-        while filled < CHUNK {
-            let n = r.read(&mut buf[filled..]).map_err(|e| decompress_err(e.to_string()))?;
+        while filled < chunk {
+            let n = r
+                .read(&mut buf[filled..])
+                .map_err(|e| decompress_err(e.to_string()))?;
             if n == 0 {
                 break;
             }
@@ -233,12 +295,18 @@ fn scan_floats(name: &str, dtype: crate::source::FloatDtype, r: &mut dyn Read, e
             break;
         }
         if total + filled as u64 > expected || filled % size != 0 {
-            return Err(decompress_err(format!("more than {expected} bytes, or a partial element")));
+            return Err(decompress_err(format!(
+                "more than {expected} bytes, or a partial element"
+            )));
         }
         let n = filled / size;
         crate::source::dtype::decode_f32(dtype, &buf[..filled], &mut vals[..n]);
         if let Some(i) = vals[..n].iter().position(|v| !v.is_finite()) {
-            return Err(FormatError::NonFinite { name: name.to_string(), index: total / size as u64 + i as u64, value: vals[i] });
+            return Err(FormatError::NonFinite {
+                name: name.to_string(),
+                index: total / size as u64 + i as u64,
+                value: vals[i],
+            });
         }
         total += filled as u64;
     }

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::header::{Compression, Encoding, Header, Provenance, QuantScheme, TensorEntry};
-use super::{ALIGNMENT, HEADER_PAD, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, VERSION_MAJOR, VERSION_MINOR, align_up, data_offset_for};
+use super::{
+    ALIGNMENT, HEADER_PAD, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, VERSION_MAJOR, VERSION_MINOR,
+    align_up, data_offset_for,
+};
 use crate::model::{ModelConfig, Role};
 
 /// A tensor the writer will be given, in file order.
@@ -111,19 +114,33 @@ impl BpkWriter {
         plans: Vec<TensorPlan>,
     ) -> Result<Self, WriteError> {
         if !force && target.exists() {
-            return Err(WriteError::Exists { path: target.to_path_buf() });
+            return Err(WriteError::Exists {
+                path: target.to_path_buf(),
+            });
         }
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let file_name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file_name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{file_name}."))
             .suffix(".tmp")
             .tempfile_in(&dir)
-            .map_err(|source| WriteError::Create { dir: dir.clone(), source })?;
-        let file = tmp.as_file().try_clone().map_err(|source| WriteError::Create { dir: dir.clone(), source })?;
+            .map_err(|source| WriteError::Create {
+                dir: dir.clone(),
+                source,
+            })?;
+        let file = tmp
+            .as_file()
+            .try_clone()
+            .map_err(|source| WriteError::Create {
+                dir: dir.clone(),
+                source,
+            })?;
 
         let header = Header {
             model,
@@ -139,7 +156,18 @@ impl BpkWriter {
         let data_offset = data_offset_for(header_len).expect("header length is capped");
         let mut out = BufWriter::with_capacity(8 << 20, file);
         out.seek(SeekFrom::Start(data_offset))?;
-        Ok(BpkWriter { target: target.to_path_buf(), force, tmp: Some(tmp), out, header, plans, next: 0, pos: 0, header_len, data_offset })
+        Ok(BpkWriter {
+            target: target.to_path_buf(),
+            force,
+            tmp: Some(tmp),
+            out,
+            header,
+            plans,
+            next: 0,
+            pos: 0,
+            header_len,
+            data_offset,
+        })
     }
 
     /// The plan of the next tensor to write, if any.
@@ -155,21 +183,36 @@ impl BpkWriter {
         write: impl FnOnce(&mut TensorSink<'_>) -> io::Result<()>,
     ) -> Result<(), WriteError> {
         let Some(plan) = self.plans.get(self.next).cloned() else {
-            return Err(WriteError::Internal { name: String::new(), problem: "is beyond the plan".into() });
+            return Err(WriteError::Internal {
+                name: String::new(),
+                problem: "is beyond the plan".into(),
+            });
         };
         let start = align_up(self.pos).expect("data section fits in u64");
         self.pad_to(start)?;
-        let mut sink = TensorSink { out: &mut self.out, hasher: Sha256::new(), written: 0 };
+        let mut sink = TensorSink {
+            out: &mut self.out,
+            hasher: Sha256::new(),
+            written: 0,
+        };
         write(&mut sink)?;
         let (written, digest) = (sink.written, sink.hasher.finalize());
-        if plan.compression == Compression::None && Some(written) != plan.encoding.raw_len(&plan.shape) {
+        if plan.compression == Compression::None
+            && Some(written) != plan.encoding.raw_len(&plan.shape)
+        {
             return Err(WriteError::Internal {
                 name: plan.name.clone(),
-                problem: format!("wrote {written} bytes, expected {:?}", plan.encoding.raw_len(&plan.shape)),
+                problem: format!(
+                    "wrote {written} bytes, expected {:?}",
+                    plan.encoding.raw_len(&plan.shape)
+                ),
             });
         }
         if plan.encoding.ternary().is_some() != scale.is_some() {
-            return Err(WriteError::Internal { name: plan.name.clone(), problem: "has a scale mismatch".into() });
+            return Err(WriteError::Internal {
+                name: plan.name.clone(),
+                problem: "has a scale mismatch".into(),
+            });
         }
         let entry = &mut self.header.tensors[self.next];
         entry.scale = scale.map(f64::from);
@@ -194,7 +237,10 @@ impl BpkWriter {
     pub fn finish(mut self, provenance: Provenance) -> Result<(Header, u64), WriteError> {
         if self.next != self.plans.len() {
             let name = self.plans[self.next].name.clone();
-            return Err(WriteError::Internal { name, problem: "was never written".into() });
+            return Err(WriteError::Internal {
+                name,
+                problem: "was never written".into(),
+            });
         }
         let data_len = align_up(self.pos).expect("data section fits in u64");
         self.pad_to(data_len)?;
@@ -205,7 +251,11 @@ impl BpkWriter {
         if header_bytes.len() as u64 > self.header_len {
             return Err(WriteError::Internal {
                 name: String::new(),
-                problem: format!("header grew to {} bytes beyond its reserved {}", header_bytes.len(), self.header_len),
+                problem: format!(
+                    "header grew to {} bytes beyond its reserved {}",
+                    header_bytes.len(),
+                    self.header_len
+                ),
             });
         }
         header_bytes.resize(self.header_len as usize, HEADER_PAD);
@@ -239,13 +289,22 @@ impl BpkWriter {
         drop(file);
 
         let tmp = self.tmp.take().expect("temp file is present until finish");
-        let persisted = if self.force { tmp.persist(&self.target) } else { tmp.persist_noclobber(&self.target) };
+        let persisted = if self.force {
+            tmp.persist(&self.target)
+        } else {
+            tmp.persist_noclobber(&self.target)
+        };
         persisted.map_err(|e| {
             let source = e.error;
             if source.kind() == io::ErrorKind::AlreadyExists {
-                WriteError::Exists { path: self.target.clone() }
+                WriteError::Exists {
+                    path: self.target.clone(),
+                }
             } else {
-                WriteError::Persist { path: self.target.clone(), source }
+                WriteError::Persist {
+                    path: self.target.clone(),
+                    source,
+                }
             }
         })?;
         Ok((self.header, expected_len))

@@ -89,7 +89,9 @@ pub enum ConfigError {
     Json(#[from] serde_json::Error),
     #[error("config.json must be a JSON object")]
     NotAnObject,
-    #[error("config.json has no `architectures` list; add e.g. \"architectures\": [\"BitNetForCausalLM\"]")]
+    #[error(
+        "config.json has no `architectures` list; add e.g. \"architectures\": [\"BitNetForCausalLM\"]"
+    )]
     NoArchitecture,
     #[error("unknown architecture `{found}`; supported: {supported}")]
     UnknownArchitecture { found: String, supported: String },
@@ -232,12 +234,14 @@ impl ModelConfig {
         };
         let source_quantization = match obj.get("quantization_config") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
-                ConfigError::Invalid {
-                    key: "quantization_config",
-                    reason: e.to_string(),
-                }
-            })?),
+            Some(v) => {
+                Some(
+                    serde_json::from_value(v.clone()).map_err(|e| ConfigError::Invalid {
+                        key: "quantization_config",
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
         };
         let config = ModelConfig {
             architecture,
@@ -259,7 +263,12 @@ impl ModelConfig {
             eos_token_ids: eos_ids(obj)?,
             source_quantization,
         };
-        config.check_limits().map_err(|reason| ConfigError::Invalid { key: "num_hidden_layers", reason })?;
+        config
+            .check_limits()
+            .map_err(|reason| ConfigError::Invalid {
+                key: "num_hidden_layers",
+                reason,
+            })?;
         Ok(config)
     }
 
@@ -281,7 +290,10 @@ impl ModelConfig {
             }
         }
         if self.num_layers == 0 || self.num_layers > MAX_LAYERS {
-            return Err(format!("num_layers = {} is outside 1..={MAX_LAYERS}", self.num_layers));
+            return Err(format!(
+                "num_layers = {} is outside 1..={MAX_LAYERS}",
+                self.num_layers
+            ));
         }
         if self.num_heads % self.num_kv_heads != 0 || self.head_dim % 2 != 0 {
             return Err(format!(
@@ -289,7 +301,11 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads, self.head_dim
             ));
         }
-        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+        if !(self.rms_norm_eps.is_finite()
+            && self.rms_norm_eps > 0.0
+            && self.rope_theta.is_finite()
+            && self.rope_theta > 0.0)
+        {
             return Err("rms_norm_eps and rope_theta must be finite and positive".into());
         }
         Ok(())
@@ -426,7 +442,10 @@ mod tests {
     fn config_values_win_over_the_architecture() {
         let mut o = base();
         o.insert("hidden_act".into(), "silu".into());
-        o.insert("rope_parameters".into(), serde_json::json!({"rope_theta": 1234.0, "rope_type": "default"}));
+        o.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_theta": 1234.0, "rope_type": "default"}),
+        );
         let c = parse(&o).unwrap();
         assert_eq!(c.hidden_act, Activation::Silu);
         assert_eq!(c.rope_theta, 1234.0);
@@ -435,9 +454,14 @@ mod tests {
     #[test]
     fn unknown_architecture_is_named() {
         let mut o = base();
-        o.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+        o.insert(
+            "architectures".into(),
+            serde_json::json!(["GPT2LMHeadModel"]),
+        );
         match parse(&o) {
-            Err(ConfigError::UnknownArchitecture { found, .. }) => assert_eq!(found, "GPT2LMHeadModel"),
+            Err(ConfigError::UnknownArchitecture { found, .. }) => {
+                assert_eq!(found, "GPT2LMHeadModel")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -446,17 +470,47 @@ mod tests {
     fn missing_and_invalid_keys_are_named() {
         let mut o = base();
         o.remove("hidden_size");
-        assert!(matches!(parse(&o), Err(ConfigError::Missing { key: "hidden_size" })));
+        assert!(matches!(
+            parse(&o),
+            Err(ConfigError::Missing { key: "hidden_size" })
+        ));
         let mut o = base();
         o.insert("num_key_value_heads".into(), 3.into());
-        assert!(matches!(parse(&o), Err(ConfigError::Invalid { key: "num_key_value_heads", .. })));
+        assert!(matches!(
+            parse(&o),
+            Err(ConfigError::Invalid {
+                key: "num_key_value_heads",
+                ..
+            })
+        ));
         let mut o = base();
         o.insert("hidden_act".into(), "gelu".into());
-        assert!(matches!(parse(&o), Err(ConfigError::Invalid { key: "hidden_act", .. })));
+        assert!(matches!(
+            parse(&o),
+            Err(ConfigError::Invalid {
+                key: "hidden_act",
+                ..
+            })
+        ));
         let mut o = base();
-        o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
-        assert!(matches!(parse(&o), Err(ConfigError::Invalid { key: "rope_scaling", .. })));
-        assert!(matches!(ModelConfig::from_json(b"{not json"), Err(ConfigError::Json(_))));
-        assert!(matches!(ModelConfig::from_json(b"[1]"), Err(ConfigError::NotAnObject)));
+        o.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
+        );
+        assert!(matches!(
+            parse(&o),
+            Err(ConfigError::Invalid {
+                key: "rope_scaling",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ModelConfig::from_json(b"{not json"),
+            Err(ConfigError::Json(_))
+        ));
+        assert!(matches!(
+            ModelConfig::from_json(b"[1]"),
+            Err(ConfigError::NotAnObject)
+        ));
     }
 }

@@ -154,18 +154,36 @@ mod tests {
     #[test]
     fn counts_per_family() {
         // embed + final norm (+ head) + per block: 2 norms + 7 projections (+ 2 sub-norms)
-        assert_eq!(expected_tensors(&cfg("BitNetForCausalLM", true)).len(), 2 + 2 * 11);
-        assert_eq!(expected_tensors(&cfg("BitnetForCausalLM", false)).len(), 3 + 2 * 11);
-        assert_eq!(expected_tensors(&cfg("LlamaForCausalLM", false)).len(), 3 + 2 * 9);
+        assert_eq!(
+            expected_tensors(&cfg("BitNetForCausalLM", true)).len(),
+            2 + 2 * 11
+        );
+        assert_eq!(
+            expected_tensors(&cfg("BitnetForCausalLM", false)).len(),
+            3 + 2 * 11
+        );
+        assert_eq!(
+            expected_tensors(&cfg("LlamaForCausalLM", false)).len(),
+            3 + 2 * 9
+        );
     }
 
     #[test]
     fn shapes_follow_the_config() {
         let t = expected_tensors(&cfg("BitnetForCausalLM", false));
         let find = |n: &str| t.iter().find(|s| s.name == n).unwrap();
-        assert_eq!(find("model.layers.1.self_attn.k_proj.weight").shape, vec![32, 64]);
-        assert_eq!(find("model.layers.0.mlp.down_proj.weight").shape, vec![64, 96]);
-        assert_eq!(find("model.layers.0.mlp.ffn_layernorm.weight").role, Role::FfnSubNorm);
+        assert_eq!(
+            find("model.layers.1.self_attn.k_proj.weight").shape,
+            vec![32, 64]
+        );
+        assert_eq!(
+            find("model.layers.0.mlp.down_proj.weight").shape,
+            vec![64, 96]
+        );
+        assert_eq!(
+            find("model.layers.0.mlp.ffn_layernorm.weight").role,
+            Role::FfnSubNorm
+        );
         assert_eq!(t.iter().filter(|s| s.role.is_ternary()).count(), 14);
     }
 }

@@ -39,7 +39,10 @@ fn code(t: i8) -> u8 {
 pub fn pack_row(trits: &[i8], out: &mut [u8]) {
     debug_assert_eq!(out.len(), row_bytes(trits.len()));
     let full = trits.len() / BLOCK;
-    for (src, dst) in trits.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK_BYTES)) {
+    for (src, dst) in trits
+        .chunks_exact(BLOCK)
+        .zip(out.chunks_exact_mut(BLOCK_BYTES))
+    {
         for j in 0..PLANE {
             dst[j] = code(src[j])
                 | code(src[j + PLANE]) << 2
@@ -67,23 +70,58 @@ pub enum I2Error {
     BadPadding { slot: usize, code: u8 },
 }
 
+/// Mask of the low bit of each 2-bit code in a byte.
+const LOW_BITS: u8 = 0x55;
+
+/// True if any of the four codes in `b` is 3 (both bits set).
+#[inline]
+fn has_code3(b: u8) -> bool {
+    b & (b >> 1) & LOW_BITS != 0
+}
+
 /// Unpacks one row of `out.len()` weights, checking every code and the padding.
 pub fn unpack_row(bytes: &[u8], out: &mut [i8]) -> Result<(), I2Error> {
     let k = out.len();
     debug_assert_eq!(bytes.len(), row_bytes(k));
-    for (e, o) in out.iter_mut().enumerate() {
-        let (byte, shift) = position(e);
-        let c = (bytes[byte] >> shift) & 3;
-        if c == 3 {
-            return Err(I2Error::InvalidCode { element: e });
+    let full = k / BLOCK;
+    for (src, dst) in bytes
+        .chunks_exact(BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        for (j, &b) in src.iter().enumerate() {
+            for p in 0..4 {
+                dst[p * PLANE + j] = ((b >> (2 * p)) & 3) as i8 - 1;
+            }
         }
-        *o = c as i8 - 1;
     }
-    for slot in k..row_bytes(k) / BLOCK_BYTES * BLOCK {
-        let (byte, shift) = position(slot);
-        let c = (bytes[byte] >> shift) & 3;
-        if c != PAD_CODE {
-            return Err(I2Error::BadPadding { slot, code: c });
+    // Rare path: locate the first bad code precisely. A code 3 decodes to 2 above, so scanning
+    // the decoded values finds it.
+    if bytes[..full * BLOCK_BYTES].iter().any(|&b| has_code3(b)) {
+        let element = out
+            .iter()
+            .position(|&t| t == 2)
+            .expect("a code 3 decodes to 2");
+        return Err(I2Error::InvalidCode { element });
+    }
+    let tail = k - full * BLOCK;
+    if tail > 0 {
+        let src = &bytes[full * BLOCK_BYTES..];
+        for slot in 0..BLOCK {
+            let (byte, shift) = (slot % PLANE, 2 * (slot / PLANE) as u32);
+            let c = (src[byte] >> shift) & 3;
+            if slot < tail {
+                if c == 3 {
+                    return Err(I2Error::InvalidCode {
+                        element: full * BLOCK + slot,
+                    });
+                }
+                out[full * BLOCK + slot] = c as i8 - 1;
+            } else if c != PAD_CODE {
+                return Err(I2Error::BadPadding {
+                    slot: full * BLOCK + slot,
+                    code: c,
+                });
+            }
         }
     }
     Ok(())
@@ -119,10 +157,16 @@ mod tests {
         let mut back = [0i8; 5];
         let mut bad = out.clone();
         bad[2] |= 3;
-        assert_eq!(unpack_row(&bad, &mut back), Err(I2Error::InvalidCode { element: 2 }));
+        assert_eq!(
+            unpack_row(&bad, &mut back),
+            Err(I2Error::InvalidCode { element: 2 })
+        );
         let mut bad = out.clone();
         bad[7] = 0x54; // slot 7 of the padding: code 0
-        assert_eq!(unpack_row(&bad, &mut back), Err(I2Error::BadPadding { slot: 7, code: 0 }));
+        assert_eq!(
+            unpack_row(&bad, &mut back),
+            Err(I2Error::BadPadding { slot: 7, code: 0 })
+        );
     }
 
     proptest! {

@@ -95,7 +95,10 @@ mod tests {
         let mut out = [0i8; 3];
         assert_eq!(
             TernaryLayout::I8.unpack_row(&[1, 2, 0xFF], &mut out),
-            Err(CodeError::I8 { element: 1, value: 2 })
+            Err(CodeError::I8 {
+                element: 1,
+                value: 2
+            })
         );
     }
 }

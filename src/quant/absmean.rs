@@ -28,7 +28,11 @@ impl AbsmeanScale {
         let mean = (abs_sum / count.max(1) as f64) as f32;
         let mean_abs = mean.max(ABSMEAN_EPS);
         let inv_scale = 1.0f32 / mean_abs;
-        AbsmeanScale { mean_abs, inv_scale, scale: 1.0f32 / inv_scale }
+        AbsmeanScale {
+            mean_abs,
+            inv_scale,
+            scale: 1.0f32 / inv_scale,
+        }
     }
 
     /// Ternarizes one weight: `clamp(round_half_even(w * s), -1, 1)`.

@@ -76,7 +76,9 @@ pub fn decode_f32(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
 pub fn encode_f32(dtype: FloatDtype, values: &[f32], out: &mut Vec<u8>) {
     out.reserve(values.len() * dtype.size());
     match dtype {
-        FloatDtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        FloatDtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         FloatDtype::F16 => values
             .iter()
             .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
-use crate::model::{ConfigError, ModelConfig, Role, TensorSpec, expected_tensors, roles::IGNORED_SUFFIXES};
+use crate::model::{
+    ConfigError, ModelConfig, Role, TensorSpec, expected_tensors, roles::IGNORED_SUFFIXES,
+};
 pub use dtype::FloatDtype;
 
 /// File names inside an HF model directory.
@@ -32,7 +34,10 @@ const MAX_JSON_FILE: u64 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Config { path: PathBuf, source: ConfigError },
     #[error(
@@ -41,26 +46,53 @@ pub enum SourceError {
     NoWeights { dir: PathBuf },
     #[error("{path}: invalid shard index: {reason}")]
     Index { path: PathBuf, reason: String },
-    #[error("{path}: not a valid safetensors file ({reason}); the file may be truncated or corrupt, re-download or re-export it")]
+    #[error(
+        "{path}: not a valid safetensors file ({reason}); the file may be truncated or corrupt, re-download or re-export it"
+    )]
     Safetensors { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` is listed twice in the header")]
     DuplicateTensor { path: PathBuf, name: String },
-    #[error("{path}: tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 weights are supported")]
-    UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
+    #[error(
+        "{path}: tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 weights are supported"
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     #[error(
         "{path}: tensor `{tensor}` is already packed ({dtype}); this looks like an HF packed BitNet checkpoint, which convert does not read yet: use the bf16 master-weight checkpoint"
     )]
-    PackedCheckpoint { path: PathBuf, tensor: String, dtype: String },
+    PackedCheckpoint {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     #[error("{dir}: tensor `{name}` is missing (expected shape {expected:?} from config.json)")]
-    MissingTensor { dir: PathBuf, name: String, expected: Vec<usize> },
+    MissingTensor {
+        dir: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+    },
     #[error("{path}: the index maps `{name}` to this file, but the file has no such tensor")]
     MissingInShard { path: PathBuf, name: String },
-    #[error("{path}: unexpected tensor `{name}`: config.json ({architecture}) implies no such tensor")]
-    UnexpectedTensor { path: PathBuf, name: String, architecture: String },
+    #[error(
+        "{path}: unexpected tensor `{name}`: config.json ({architecture}) implies no such tensor"
+    )]
+    UnexpectedTensor {
+        path: PathBuf,
+        name: String,
+        architecture: String,
+    },
     #[error(
         "{path}: tensor `{name}` has shape {found:?} but config.json implies {expected:?}; check that config.json belongs to these weights"
     )]
-    ShapeMismatch { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error(
         "{path}: config.json ties lm_head to the embeddings, but `lm_head.weight` differs from `model.embed_tokens.weight`; set tie_word_embeddings to false"
     )]
@@ -108,13 +140,18 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
-    move |source| SourceError::Io { path: path.to_path_buf(), source }
+    move |source| SourceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, SourceError> {
     let file = File::open(path).map_err(io_err(path))?;
     let mut bytes = Vec::new();
-    file.take(MAX_JSON_FILE + 1).read_to_end(&mut bytes).map_err(io_err(path))?;
+    file.take(MAX_JSON_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(path))?;
     if bytes.len() as u64 > MAX_JSON_FILE {
         return Err(SourceError::Io {
             path: path.to_path_buf(),
@@ -134,8 +171,11 @@ impl Checkpoint {
         };
         let config_path = dir.join(CONFIG_FILE);
         let config_bytes = read_small(&config_path)?;
-        let config = ModelConfig::from_json(&config_bytes)
-            .map_err(|source| SourceError::Config { path: config_path.clone(), source })?;
+        let config =
+            ModelConfig::from_json(&config_bytes).map_err(|source| SourceError::Config {
+                path: config_path.clone(),
+                source,
+            })?;
 
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
@@ -149,7 +189,8 @@ impl Checkpoint {
         };
 
         let mut shards = Vec::with_capacity(shard_names.len());
-        let mut found: BTreeMap<String, (usize, safetensors::tensor::TensorInfo, usize)> = BTreeMap::new();
+        let mut found: BTreeMap<String, (usize, safetensors::tensor::TensorInfo, usize)> =
+            BTreeMap::new();
         for (si, file_name) in shard_names.iter().enumerate() {
             let shard_path = dir.join(file_name);
             let (shard, infos) = open_shard(&shard_path, file_name)?;
@@ -168,12 +209,21 @@ impl Checkpoint {
         if let Some(map) = &routing {
             for (name, file_name) in map {
                 if !found.contains_key(name) {
-                    return Err(SourceError::MissingInShard { path: dir.join(file_name), name: name.clone() });
+                    return Err(SourceError::MissingInShard {
+                        path: dir.join(file_name),
+                        name: name.clone(),
+                    });
                 }
             }
         }
         let (tensors, skipped) = match_tensors(&dir, &config, &shards, found)?;
-        Ok(Checkpoint { dir, config, shards, tensors, skipped })
+        Ok(Checkpoint {
+            dir,
+            config,
+            shards,
+            tensors,
+            skipped,
+        })
     }
 
     /// The raw little-endian bytes of a tensor (borrowed from the memory map).
@@ -190,7 +240,11 @@ impl Checkpoint {
         // SAFETY: the mapping is a read-only shared file mapping; MADV_DONTNEED on it only drops
         // page-table entries, and later reads fault the same file contents back in.
         let _ = unsafe {
-            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.start, t.end - t.start)
+            mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                t.start,
+                t.end - t.start,
+            )
         };
     }
 
@@ -233,15 +287,24 @@ fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>), So
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let bad = |reason: String| SourceError::Index { path: path.to_path_buf(), reason };
-    let index: Index = serde_json::from_slice(&read_small(path)?).map_err(|e| bad(e.to_string()))?;
+    let bad = |reason: String| SourceError::Index {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let index: Index =
+        serde_json::from_slice(&read_small(path)?).map_err(|e| bad(e.to_string()))?;
     let mut names: Vec<String> = index.weight_map.values().cloned().collect();
     names.sort();
     names.dedup();
     for n in &names {
-        let plain = Path::new(n).file_name().map(|f| f == n.as_str()).unwrap_or(false);
+        let plain = Path::new(n)
+            .file_name()
+            .map(|f| f == n.as_str())
+            .unwrap_or(false);
         if !plain || n.starts_with('.') {
-            return Err(bad(format!("shard name `{n}` is not a plain file name inside the model directory")));
+            return Err(bad(format!(
+                "shard name `{n}` is not a plain file name inside the model directory"
+            )));
         }
     }
     if names.is_empty() {
@@ -257,17 +320,28 @@ type ShardInfos = Vec<(String, safetensors::tensor::TensorInfo, usize)>;
 fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), SourceError> {
     let file = File::open(path).map_err(io_err(path))?;
     let len = file.metadata().map_err(io_err(path))?.len();
-    let bad = |reason: String| SourceError::Safetensors { path: path.to_path_buf(), reason };
+    let bad = |reason: String| SourceError::Safetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
     if len < 8 {
-        return Err(bad(format!("the file is {len} bytes long, shorter than the 8-byte header length")));
+        return Err(bad(format!(
+            "the file is {len} bytes long, shorter than the 8-byte header length"
+        )));
     }
     // SAFETY: the map is read-only. Like every mmap-based reader we assume the file is not
     // truncated or rewritten by another process while we run.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-    let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
-    let header = mmap.get(8..8 + header_len).ok_or_else(|| bad("header out of bounds".into()))?;
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+    let header = mmap
+        .get(8..8 + header_len)
+        .ok_or_else(|| bad("header out of bounds".into()))?;
     if let Some(name) = first_duplicate_key(header) {
-        return Err(SourceError::DuplicateTensor { path: path.to_path_buf(), name });
+        return Err(SourceError::DuplicateTensor {
+            path: path.to_path_buf(),
+            name,
+        });
     }
     let data_start = 8 + header_len;
     let infos = metadata
@@ -275,7 +349,15 @@ fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), Sourc
         .into_iter()
         .map(|(name, info)| (name, info.clone(), data_start))
         .collect();
-    Ok((Shard { file_name: file_name.to_string(), path: path.to_path_buf(), len, mmap }, infos))
+    Ok((
+        Shard {
+            file_name: file_name.to_string(),
+            path: path.to_path_buf(),
+            len,
+            mmap,
+        },
+        infos,
+    ))
 }
 
 /// Finds a key that occurs twice at the top level of a safetensors header (serde_json keeps the
@@ -317,22 +399,50 @@ fn match_tensors(
     let mut tensors = Vec::new();
     for spec in expected_tensors(config) {
         let Some((si, info, data_start)) = found.remove(&spec.name) else {
-            return Err(SourceError::MissingTensor { dir: dir.to_path_buf(), name: spec.name, expected: spec.shape });
+            return Err(SourceError::MissingTensor {
+                dir: dir.to_path_buf(),
+                name: spec.name,
+                expected: spec.shape,
+            });
         };
         let path = shards[si].path.clone();
         let dtype = FloatDtype::from_safetensors(info.dtype).ok_or_else(|| {
             let dtype = format!("{:?}", info.dtype);
-            if spec.role.is_ternary() && matches!(info.dtype, safetensors::Dtype::U8 | safetensors::Dtype::I8) {
-                SourceError::PackedCheckpoint { path: path.clone(), tensor: spec.name.clone(), dtype }
+            if spec.role.is_ternary()
+                && matches!(info.dtype, safetensors::Dtype::U8 | safetensors::Dtype::I8)
+            {
+                SourceError::PackedCheckpoint {
+                    path: path.clone(),
+                    tensor: spec.name.clone(),
+                    dtype,
+                }
             } else {
-                SourceError::UnsupportedDtype { path: path.clone(), tensor: spec.name.clone(), dtype }
+                SourceError::UnsupportedDtype {
+                    path: path.clone(),
+                    tensor: spec.name.clone(),
+                    dtype,
+                }
             }
         })?;
         if info.shape != spec.shape {
-            return Err(SourceError::ShapeMismatch { path, name: spec.name, expected: spec.shape, found: info.shape });
+            return Err(SourceError::ShapeMismatch {
+                path,
+                name: spec.name,
+                expected: spec.shape,
+                found: info.shape,
+            });
         }
-        let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
-        tensors.push(SourceTensor { spec, dtype, shard: si, start, end });
+        let (start, end) = (
+            data_start + info.data_offsets.0,
+            data_start + info.data_offsets.1,
+        );
+        tensors.push(SourceTensor {
+            spec,
+            dtype,
+            shard: si,
+            start,
+            end,
+        });
     }
     let mut skipped = Vec::new();
     for (name, (si, info, data_start)) in found {
@@ -344,12 +454,16 @@ fn match_tensors(
             // Some exporters write the tied head out anyway; accept it only if it is the same data.
             let embed = &tensors[0];
             let shard = &shards[si];
-            let head = shard.mmap.get(data_start + info.data_offsets.0..data_start + info.data_offsets.1);
+            let head = shard
+                .mmap
+                .get(data_start + info.data_offsets.0..data_start + info.data_offsets.1);
             let same = FloatDtype::from_safetensors(info.dtype) == Some(embed.dtype)
                 && info.shape == embed.spec.shape
                 && head == shards[embed.shard].mmap.get(embed.start..embed.end);
             if !same {
-                return Err(SourceError::TiedHeadDiffers { path: shard.path.clone() });
+                return Err(SourceError::TiedHeadDiffers {
+                    path: shard.path.clone(),
+                });
             }
             skipped.push(name);
             continue;
@@ -360,7 +474,12 @@ fn match_tensors(
             architecture: config.architecture.clone(),
         });
     }
-    debug_assert!(tensors.first().map(|t| t.spec.role == Role::Embedding).unwrap_or(false));
+    debug_assert!(
+        tensors
+            .first()
+            .map(|t| t.spec.role == Role::Embedding)
+            .unwrap_or(false)
+    );
     Ok((tensors, skipped))
 }
 
