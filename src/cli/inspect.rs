@@ -10,6 +10,14 @@ use super::{InspectArgs, human_bytes, print};
 use crate::format::{BpkFile, FormatVersion, TensorEntry};
 
 /// Stored bits per element of a tensor.
+/// The name serde writes for an enum value (the same spelling as in the header).
+fn name_of<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn bits_per_weight(t: &TensorEntry) -> f64 {
     t.length as f64 * 8.0 / t.numel().unwrap_or(1).max(1) as f64
 }
@@ -69,9 +77,9 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         s,
-        "model        {} ({:?}): {} layers, hidden {}, ffn {}, heads {}/{} kv (head_dim {}), vocab {}, max positions {}",
+        "model        {} ({}): {} layers, hidden {}, ffn {}, heads {}/{} kv (head_dim {}), vocab {}, max positions {}",
         m.architecture,
-        m.family,
+        name_of(&m.family),
         m.num_layers,
         m.hidden_size,
         m.intermediate_size,
@@ -83,8 +91,8 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         s,
-        "             activation {:?}, rope theta {}, rms eps {:e}, embeddings {}",
-        m.hidden_act,
+        "             activation {}, rope theta {}, rms eps {:e}, embeddings {}",
+        name_of(&m.hidden_act),
         m.rope_theta,
         m.rms_norm_eps,
         if m.tie_word_embeddings {
@@ -96,10 +104,10 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
     let q = &h.quantization;
     writeln!(
         s,
-        "quantization weights {:?} (eps {:e}); activations {:?} int{}; online rotations: {}",
-        q.weights.rule,
+        "quantization weights {} (eps {:e}); activations {} int{}; online rotations: {}",
+        name_of(&q.weights.rule),
         q.weights.eps,
-        q.activations.rule,
+        name_of(&q.activations.rule),
         q.activations.bits,
         if q.online_rotations.is_empty() {
             "none".to_string()

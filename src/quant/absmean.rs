@@ -10,6 +10,8 @@
 
 /// Lower bound on the mean absolute weight (the `clamp(min=1e-5)` of the training code).
 pub const ABSMEAN_EPS: f32 = 1e-5;
+/// Lower bound on the per-token absolute maximum of an activation (training's `clamp(min=1e-5)`).
+pub const ACTIVATION_EPS: f32 = 1e-5;
 
 /// The per-tensor quantization parameters derived from the mean absolute value.
 #[derive(Debug, Clone, Copy, PartialEq)]
