@@ -7,10 +7,12 @@
 //! The command-line front end is in [`cli`].
 
 pub mod cli;
+pub mod compare;
 pub mod convert;
 pub mod export;
 pub mod format;
 pub mod model;
 pub mod pack;
 pub mod quant;
+pub mod run;
 pub mod source;

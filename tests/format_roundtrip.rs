@@ -109,7 +109,7 @@ proptest! {
                 }
             }
         }
-        let (header, len) = w.finish(provenance).unwrap();
+        let (header, len) = w.finish(provenance).unwrap().persist().unwrap();
         prop_assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
         let file = BpkFile::open(&path).unwrap();
         prop_assert_eq!(&file.header, &header);

@@ -6,9 +6,16 @@ use std::time::Instant;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{ConvertArgs, KeepArg, LayoutArg, human_bytes, with_threads};
-use crate::convert::{ConvertOptions, convert};
+use std::path::Path;
+
+use super::parity::DEFAULT_RANDOM_TOKENS;
+use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, with_threads};
+use crate::compare::parity::{parity, random_tokens};
+use crate::convert::{ConvertError, ConvertOptions, convert_verified};
+use crate::format::BpkFile;
 use crate::pack::TernaryLayout;
+use crate::run::SourceMode;
+use crate::source::Checkpoint;
 use crate::source::FloatDtype;
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
@@ -45,11 +52,34 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         bar.set_length(t);
     }
     let start = Instant::now();
-    let summary = with_threads(a.threads, || {
-        convert(&a.src, &a.output, &opts, &|n| bar.inc(n))
-    })?
-    .with_context(|| format!("could not convert {}", a.src.display()))?;
+    let verify = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), String> {
+        if !a.verify {
+            return Ok(());
+        }
+        let file = BpkFile::open(tmp).map_err(|e| e.to_string())?;
+        let tokens = random_tokens(DEFAULT_RANDOM_TOKENS, ckpt.config.vocab_size, 0);
+        let report =
+            parity(ckpt, &file, &tokens, SourceMode::Qat, true).map_err(|e| e.to_string())?;
+        if report.pass {
+            Ok(())
+        } else {
+            Err(format!(
+                "packed vs source parity failed (logits rel L2 {:.3e}, top-1 {:.1}%, failing blocks {:?}); run `bitnet-pack parity` for details",
+                report.logits.rel_l2,
+                100.0 * report.logits.top1_agreement,
+                report.failing_layers
+            ))
+        }
+    };
+    let result = with_threads(a.threads, || {
+        convert_verified(&a.src, &a.output, &opts, &|n| bar.inc(n), &verify)
+    })?;
     bar.finish_and_clear();
+    if let Err(e @ ConvertError::VerifyFailed { .. }) = &result {
+        eprintln!("error: {e}");
+        return Ok(ExitCode::from(EXIT_CHECK_FAILED));
+    }
+    let summary = result.with_context(|| format!("could not convert {}", a.src.display()))?;
     if !a.quiet {
         let h = &summary.header;
         let ternary: Vec<_> = h

@@ -6,6 +6,8 @@
 
 mod convert;
 mod inspect;
+mod parity;
+mod run;
 mod unpack;
 mod validate;
 
@@ -41,6 +43,78 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Dequantize a .bpk file into a safetensors file.
     Unpack(UnpackArgs),
+    /// Run a .bpk file (integer path) or a source checkpoint on tokens or a prompt.
+    Run(RunArgs),
+    /// Compare a packed file with its source checkpoint, block by block and at the logits.
+    Parity(ParityArgs),
+}
+
+/// How a source checkpoint is executed.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// The training forward: absmean fake-quant weights, per-token int8 fake-quant activations.
+    Qat,
+    /// Full precision, no quantization.
+    Fp,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A .bpk file, or an HF model directory (run in f32).
+    pub model: PathBuf,
+    /// Comma-separated token ids to run (prints the arg max at every position).
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    pub tokens: Option<Vec<u32>>,
+    /// Text to continue greedily (needs tokenizer.json beside the model, or --tokenizer).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Tokens to generate after --prompt.
+    #[arg(long, default_value_t = 32)]
+    pub max_new_tokens: usize,
+    /// Write the logits of every position to this JSON file ({"tokens", "logits"}).
+    #[arg(long)]
+    pub logits_json: Option<PathBuf>,
+    /// For a source directory: qat (default) or fp.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// tokenizer.json to use with --prompt.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ParityArgs {
+    /// The source HF model directory.
+    pub source: PathBuf,
+    /// The .bpk file converted from it.
+    pub packed: PathBuf,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub tokens: Option<Vec<u32>>,
+    /// Text, tokenized with the source's tokenizer.json.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Number of random token ids (the default input, 16 tokens).
+    #[arg(long)]
+    pub random_tokens: Option<usize>,
+    /// Seed of --random-tokens.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// qat: must match (exit 1 if not); fp: report the quantization loss (exit 0).
+    #[arg(long, value_enum, default_value = "qat")]
+    pub against: ModeArg,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not require the source files to have the checksums recorded in the packed file.
+    #[arg(long)]
+    pub no_provenance_check: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// Storage for the ternary projections.
@@ -94,6 +168,9 @@ pub struct ConvertArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// After writing, run parity (packed vs source in qat mode) and fail if it does not pass.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -139,6 +216,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(a) => inspect::run(a),
         Command::Validate(a) => validate::run(a),
         Command::Unpack(a) => unpack::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Parity(a) => parity::run(a),
     }
 }
 

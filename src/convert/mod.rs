@@ -48,6 +48,8 @@ pub enum ConvertError {
     Source(#[from] SourceError),
     #[error("{path}: {source}")]
     Write { path: PathBuf, source: WriteError },
+    #[error("{path}: verification failed, nothing was written: {reason}")]
+    VerifyFailed { path: PathBuf, reason: String },
     #[error(
         "{path}: tensor `{tensor}` has a non-finite value {value} at index {index:?}; the checkpoint is damaged or was saved after a diverged training step"
     )]
@@ -75,6 +77,21 @@ pub fn convert(
     out: &Path,
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
+) -> Result<ConvertSummary, ConvertError> {
+    convert_verified(src, out, opts, progress, &|_, _| Ok(()))
+}
+
+/// A check run on the finished file (at its temporary path) before it is renamed onto the
+/// target; an `Err` message aborts the conversion and leaves nothing at the target.
+pub type Verifier<'a> = dyn Fn(&Checkpoint, &Path) -> Result<(), String> + Sync + 'a;
+
+/// [`convert`], with `verify` run on the finished file before it replaces the target.
+pub fn convert_verified(
+    src: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    verify: &Verifier<'_>,
 ) -> Result<ConvertSummary, ConvertError> {
     let ckpt = Checkpoint::open(src)?;
     let write_err = |source| ConvertError::Write {
@@ -129,7 +146,12 @@ pub fn convert(
     });
     written?;
     let hashes = hashes?;
-    let (header, file_len) = writer.finish(provenance_with(&hashes)).map_err(write_err)?;
+    let finished = writer.finish(provenance_with(&hashes)).map_err(write_err)?;
+    verify(&ckpt, finished.temp_path()).map_err(|reason| ConvertError::VerifyFailed {
+        path: out.to_path_buf(),
+        reason,
+    })?;
+    let (header, file_len) = finished.persist().map_err(write_err)?;
     Ok(ConvertSummary {
         header,
         file_len,

@@ -232,9 +232,9 @@ impl BpkWriter {
         Ok(())
     }
 
-    /// Writes the header, checks the layout, and renames the file into place. Returns the
-    /// final header and the file length.
-    pub fn finish(mut self, provenance: Provenance) -> Result<(Header, u64), WriteError> {
+    /// Writes the header and checks the layout. The file stays at its temporary path until
+    /// [`Finished::persist`].
+    pub fn finish(mut self, provenance: Provenance) -> Result<Finished, WriteError> {
         if self.next != self.plans.len() {
             let name = self.plans[self.next].name.clone();
             return Err(WriteError::Internal {
@@ -289,10 +289,38 @@ impl BpkWriter {
         drop(file);
 
         let tmp = self.tmp.take().expect("temp file is present until finish");
+        Ok(Finished {
+            tmp,
+            target: self.target,
+            force: self.force,
+            header: self.header,
+            len: expected_len,
+        })
+    }
+}
+
+/// A complete file still at its temporary path beside the target: check it, then
+/// [`Finished::persist`] it (dropping it instead deletes it).
+pub struct Finished {
+    tmp: tempfile::NamedTempFile,
+    target: PathBuf,
+    force: bool,
+    pub header: Header,
+    pub len: u64,
+}
+
+impl Finished {
+    /// Where the finished file is until it is persisted.
+    pub fn temp_path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// Renames the file onto the target (refusing to replace an existing file without force).
+    pub fn persist(self) -> Result<(Header, u64), WriteError> {
         let persisted = if self.force {
-            tmp.persist(&self.target)
+            self.tmp.persist(&self.target)
         } else {
-            tmp.persist_noclobber(&self.target)
+            self.tmp.persist_noclobber(&self.target)
         };
         persisted.map_err(|e| {
             let source = e.error;
@@ -307,6 +335,6 @@ impl BpkWriter {
                 }
             }
         })?;
-        Ok((self.header, expected_len))
+        Ok((self.header, self.len))
     }
 }

@@ -1,0 +1,267 @@
+//! Integer kernels of the packed path: per-token int8 activation quantization and
+//! ternary x int8 dot products straight from the packed bytes, accumulated exactly in i32.
+//!
+//! Every optimized kernel has a plain scalar reference beside it; tests compare them on random
+//! inputs of awkward sizes. The AVX2 kernels are chosen at run time when the CPU has AVX2.
+
+use crate::pack::{TernaryLayout, i2};
+use crate::quant::ACTIVATION_EPS;
+
+/// Largest magnitude of a quantized activation (`2^(8-1) - 1`).
+pub const ACT_QMAX: f32 = 127.0;
+
+/// Quantizes one token's activation: `s = 127 / max(max|x|, eps)`,
+/// `q = clamp(round_half_even(x * s), -128, 127)`. Writes `q` into `out[..x.len()]`, zeroes the
+/// rest of `out` (the padding an `i2` row's last block needs), and returns `s`.
+pub fn quantize_activation(x: &[f32], out: &mut [i8]) -> f32 {
+    let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let s = ACT_QMAX / absmax.max(ACTIVATION_EPS);
+    for (q, &v) in out.iter_mut().zip(x) {
+        *q = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    out[x.len()..].fill(0);
+    s
+}
+
+/// Length an activation buffer must have for rows of `k` weights in `layout` (whole `i2` blocks).
+pub fn padded_len(layout: TernaryLayout, k: usize) -> usize {
+    match layout {
+        TernaryLayout::I2 => k.div_ceil(i2::BLOCK) * i2::BLOCK,
+        TernaryLayout::I8 => k,
+    }
+}
+
+/// Scalar reference: `sum_e trit[e] * q[e]` over one packed row of `k` weights.
+pub fn dot_scalar(layout: TernaryLayout, row: &[u8], q: &[i8], k: usize) -> i32 {
+    match layout {
+        TernaryLayout::I2 => (0..k)
+            .map(|e| {
+                let (byte, shift) = i2::position(e);
+                let trit = ((row[byte] >> shift) & 3) as i32 - 1;
+                trit * i32::from(q[e])
+            })
+            .sum(),
+        TernaryLayout::I8 => row[..k]
+            .iter()
+            .zip(q)
+            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
+            .sum(),
+    }
+}
+
+/// The dot-product kernel in use: AVX2 when the CPU has it, else the portable one.
+/// `q` must come from [`quantize_activation`] (so it never holds -128), padded to
+/// [`padded_len`], and `q_sum` must be its sum.
+pub fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time just above).
+            return unsafe { avx2::dot(layout, row, q, q_sum, k) };
+        }
+    }
+    dot_portable(layout, row, q, q_sum, k)
+}
+
+/// Whether the AVX2 kernels are used on this CPU.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Portable block kernel: `i2` rows are processed by whole blocks as `sum code * q - sum q`
+/// (padding codes are 1 and padded activations 0, so the identity holds over whole blocks).
+/// `q` must have `padded_len(layout, k)` elements and `q_sum` be their sum.
+pub fn dot_portable(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+    match layout {
+        TernaryLayout::I2 => {
+            let mut acc = 0i32;
+            for (block, qb) in row
+                .chunks_exact(i2::BLOCK_BYTES)
+                .zip(q.chunks_exact(i2::BLOCK))
+            {
+                for (j, &b) in block.iter().enumerate() {
+                    for p in 0..4 {
+                        acc += i32::from((b >> (2 * p)) & 3) * i32::from(qb[p * i2::PLANE + j]);
+                    }
+                }
+            }
+            acc - q_sum
+        }
+        TernaryLayout::I8 => dot_scalar(layout, row, q, k),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::pack::{TernaryLayout, i2};
+
+    /// Horizontal sum of eight i32 lanes.
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256i) -> i32 {
+        let lo = _mm256_castsi256_si128(v);
+        let hi = _mm256_extracti128_si256::<1>(v);
+        let s = _mm_add_epi32(lo, hi);
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// See [`super::dot_portable`] for the contract.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2. `row` must hold the packed row and `q` the padded activations.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+        match layout {
+            TernaryLayout::I2 => dot_i2(row, q, q_sum),
+            TernaryLayout::I8 => dot_i8(row, q, k),
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn dot_i2(row: &[u8], q: &[i8], q_sum: i32) -> i32 {
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_si256();
+        for (block, qb) in row
+            .chunks_exact(i2::BLOCK_BYTES)
+            .zip(q.chunks_exact(i2::BLOCK))
+        {
+            // SAFETY: both chunks are exactly 32 and 128 bytes long; unaligned loads.
+            let w = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+            let a = |p: usize| unsafe { _mm256_loadu_si256(qb.as_ptr().add(p * i2::PLANE).cast()) };
+            let c0 = _mm256_and_si256(w, mask);
+            let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask);
+            let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask);
+            let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask);
+            // codes are 0..=2 (unsigned), activations -128..=127: pair sums fit in i16.
+            let p01 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(c0, a(0)),
+                _mm256_maddubs_epi16(c1, a(1)),
+            );
+            let p23 = _mm256_add_epi16(
+                _mm256_maddubs_epi16(c2, a(2)),
+                _mm256_maddubs_epi16(c3, a(3)),
+            );
+            // each i16 lane is at most 4 * 2 * 128 = 1024 in magnitude: no overflow.
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p01, p23), ones));
+        }
+        hsum(acc) - q_sum
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn dot_i8(row: &[u8], q: &[i8], k: usize) -> i32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_si256();
+        let full = k / 32 * 32;
+        for (w, a) in row[..full].chunks_exact(32).zip(q[..full].chunks_exact(32)) {
+            // SAFETY: both chunks are exactly 32 bytes; unaligned loads.
+            let (w, a) = unsafe {
+                (
+                    _mm256_loadu_si256(w.as_ptr().cast()),
+                    _mm256_loadu_si256(a.as_ptr().cast()),
+                )
+            };
+            // |w| in {0, 1} times a with w's sign. Precondition: no activation is -128 (whose
+            // negation wraps); `quantize_activation` never produces it since |x * s| <= 127.
+            let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, ones));
+        }
+        let tail: i32 = row[full..k]
+            .iter()
+            .zip(&q[full..k])
+            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
+            .sum();
+        hsum(acc) + tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (no extra dependency needed for tests).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+    }
+
+    #[test]
+    fn optimized_kernels_equal_the_scalar_reference() {
+        let mut rng = Lcg(42);
+        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+            for k in [
+                1usize, 2, 31, 32, 33, 127, 128, 129, 255, 256, 300, 640, 1000,
+            ] {
+                let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+                let mut row = vec![0u8; layout.row_bytes(k)];
+                layout.pack_row(&trits, &mut row);
+                let x: Vec<f32> = (0..k)
+                    .map(|_| rng.next() as f32 / u32::MAX as f32 * 8.0 - 4.0)
+                    .collect();
+                let mut q = vec![0i8; padded_len(layout, k)];
+                quantize_activation(&x, &mut q);
+                let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                let want: i32 = trits
+                    .iter()
+                    .zip(&q)
+                    .map(|(&t, &a)| i32::from(t) * i32::from(a))
+                    .sum();
+                assert_eq!(dot_scalar(layout, &row, &q, k), want, "{layout:?} k={k}");
+                assert_eq!(
+                    dot_portable(layout, &row, &q, q_sum, k),
+                    want,
+                    "{layout:?} k={k}"
+                );
+                assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{layout:?} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_activations_do_not_overflow() {
+        // All activations at +-127 and all weights +-1 maximize every partial sum.
+        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+            let k = 4096;
+            for (t, a) in [(1i8, 127i8), (-1, 127), (1, -127), (-1, -127)] {
+                let mut row = vec![0u8; layout.row_bytes(k)];
+                layout.pack_row(&vec![t; k], &mut row);
+                let q = vec![a; padded_len(layout, k)];
+                let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                let want = i32::from(t) * i32::from(a) * k as i32;
+                assert_eq!(dot(layout, &row, &q, q_sum, k), want);
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantization_follows_the_training_rule() {
+        let x = [0.5f32, -1.0, 0.25, 0.0];
+        let mut q = [0i8; 8];
+        let s = quantize_activation(&x, &mut q);
+        assert_eq!(s, 127.0);
+        // 0.5 * 127 = 63.5 rounds half to even -> 64; 0.25 * 127 = 31.75 -> 32.
+        assert_eq!(q, [64, -127, 32, 0, 0, 0, 0, 0]);
+        let mut z = [5i8; 2];
+        assert_eq!(
+            quantize_activation(&[0.0, 0.0], &mut z),
+            127.0 / ACTIVATION_EPS
+        );
+        assert_eq!(z, [0, 0]);
+    }
+}

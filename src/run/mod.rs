@@ -1,0 +1,28 @@
+//! Load and run: execute a model, either from a packed .bpk file with integer arithmetic
+//! ([`packed`]) or from the source checkpoint in f32 ([`source`]), through one shared forward
+//! ([`model`]).
+
+pub mod kernels;
+pub mod model;
+pub mod packed;
+pub mod source;
+
+use std::path::PathBuf;
+
+pub use model::{ForwardOutput, InputError, KvCache, Linear, Transformer};
+pub use source::SourceMode;
+
+/// A model that cannot be loaded for running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("unsupported quantization scheme: {reason}")]
+    UnsupportedScheme { reason: String },
+    #[error(
+        "{path} fails validation ({first}); run `bitnet-pack validate` on it for the full report"
+    )]
+    Invalid { path: PathBuf, first: String },
+    #[error("the model has no {what}")]
+    Missing { what: String },
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
+}

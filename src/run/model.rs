@@ -1,0 +1,325 @@
+//! The transformer forward shared by the packed and the source paths: embeddings, RMSNorm,
+//! rotate-half RoPE, causal grouped-query attention with a KV cache, the gated feed-forward
+//! block with the config's activation, BitNet's sub-norms, the final norm and the head.
+//!
+//! Everything except the seven projections is plain f32 arithmetic written once here; the
+//! projections are supplied by the path ([`Linear`]), so that a parity check between the paths
+//! isolates exactly the quantized arithmetic. The independent check of this shared code is the
+//! comparison with HF transformers' logits (tests/run_goldens.rs).
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use crate::model::{Activation, ModelConfig};
+use crate::source::FloatDtype;
+use crate::source::dtype::decode_f32;
+
+/// A projection `y = x W^T` applied to `n` tokens at once (`x` is `[n, in]`, `y` is `[n, out]`).
+pub trait Linear: Sync {
+    fn in_dim(&self) -> usize;
+    fn out_dim(&self) -> usize;
+    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
+}
+
+/// A float matrix `[rows, cols]` kept in its stored element type and decoded row by row
+/// (embeddings and the output head).
+pub struct FloatMatrix<'a> {
+    pub dtype: FloatDtype,
+    pub bytes: Cow<'a, [u8]>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl FloatMatrix<'_> {
+    /// Row `r` as f32.
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let size = self.dtype.size();
+        decode_f32(
+            self.dtype,
+            &self.bytes[r * self.cols * size..(r + 1) * self.cols * size],
+            out,
+        );
+    }
+
+    /// `y[t, r] = sum_c x[t, c] * M[r, c]` for `n` tokens, parallel over rows; f32 accumulation.
+    pub fn matmul_t(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        let mut yt = vec![0f32; rows * n];
+        yt.par_chunks_mut(n).enumerate().for_each_init(
+            || vec![0f32; cols],
+            |w, (r, out)| {
+                self.row(r, w);
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = dot_f32(w, &x[t * cols..(t + 1) * cols]);
+                }
+            },
+        );
+        for t in 0..n {
+            for r in 0..rows {
+                y[t * rows + r] = yt[r * n + t];
+            }
+        }
+    }
+}
+
+/// f32 dot product with eight partial sums (vectorizes; order fixed).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The weights of one transformer block.
+pub struct Block<L> {
+    pub attn_norm: Vec<f32>,
+    pub q: L,
+    pub k: L,
+    pub v: L,
+    pub attn_sub_norm: Option<Vec<f32>>,
+    pub o: L,
+    pub ffn_norm: Vec<f32>,
+    pub gate: L,
+    pub up: L,
+    pub ffn_sub_norm: Option<Vec<f32>>,
+    pub down: L,
+}
+
+/// A whole model, generic over how projections are computed.
+pub struct Transformer<'a, L> {
+    pub config: ModelConfig,
+    pub embed: FloatMatrix<'a>,
+    pub blocks: Vec<Block<L>>,
+    pub final_norm: Vec<f32>,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<FloatMatrix<'a>>,
+}
+
+/// Keys and values of past positions, per layer.
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Number of positions stored.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig) -> Self {
+        KvCache {
+            k: vec![Vec::new(); cfg.num_layers],
+            v: vec![Vec::new(); cfg.num_layers],
+            len: 0,
+        }
+    }
+}
+
+/// Input that a model cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error(
+        "token id {token} at position {position} is outside the vocabulary (vocab_size {vocab})"
+    )]
+    TokenOutOfRange {
+        token: u32,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("the sequence would reach {len} positions, beyond max_position_embeddings = {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("no tokens given")]
+    Empty,
+}
+
+/// What a forward pass returns: logits per new position, and optionally the hidden state after
+/// each block (for layer-by-layer parity).
+pub struct ForwardOutput {
+    /// `[n, vocab]`.
+    pub logits: Vec<f32>,
+    /// One `[n, hidden]` entry per block, if requested.
+    pub hidden: Vec<Vec<f32>>,
+}
+
+/// RMSNorm of each `dim`-row of `x` into `out`: `w * x / sqrt(mean(x^2) + eps)` in f32, as HF
+/// computes it.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = g * (v * r);
+        }
+    }
+}
+
+/// Rotate-half RoPE in place on `heads` heads of `head_dim` at position `pos`.
+fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let angle = pos as f32 * inv_freq[i];
+            let (sin, cos) = angle.sin_cos();
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * cos - b * sin;
+            head[i + half] = b * cos + a * sin;
+        }
+    }
+}
+
+impl<L: Linear> Transformer<'_, L> {
+    /// Runs `tokens` at the positions after those in `cache`, appending to the cache.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        keep_hidden: bool,
+    ) -> Result<ForwardOutput, InputError> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(InputError::Empty);
+        }
+        if cache.len + n > cfg.max_position_embeddings {
+            return Err(InputError::TooLong {
+                len: cache.len + n,
+                max: cfg.max_position_embeddings,
+            });
+        }
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= cfg.vocab_size {
+                return Err(InputError::TokenOutOfRange {
+                    token: t,
+                    position: cache.len + i,
+                    vocab: cfg.vocab_size,
+                });
+            }
+        }
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        // HF: inv_freq = 1 / theta^(arange(0, d, 2) / d), in f32.
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+            .collect();
+
+        let mut x = vec![0f32; n * h];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            self.embed.row(*t as usize, row);
+        }
+        let mut hidden = Vec::new();
+        let mut normed = vec![0f32; n * h];
+        for (layer, b) in self.blocks.iter().enumerate() {
+            rms_norm(&x, &b.attn_norm, eps, &mut normed);
+            let attn = self.attention(layer, b, &normed, n, cache, &inv_freq);
+            let mut o = vec![0f32; n * h];
+            b.o.forward(&attn, n, &mut o);
+            x.iter_mut().zip(&o).for_each(|(a, d)| *a += d);
+
+            rms_norm(&x, &b.ffn_norm, eps, &mut normed);
+            let f = b.gate.out_dim();
+            let (mut g, mut u) = (vec![0f32; n * f], vec![0f32; n * f]);
+            b.gate.forward(&normed, n, &mut g);
+            b.up.forward(&normed, n, &mut u);
+            for (gv, uv) in g.iter_mut().zip(&u) {
+                let a = match cfg.hidden_act {
+                    Activation::Relu2 => {
+                        let r = gv.max(0.0);
+                        r * r
+                    }
+                    Activation::Silu => *gv / (1.0 + (-*gv).exp()),
+                };
+                *gv = a * uv;
+            }
+            if let Some(w) = &b.ffn_sub_norm {
+                let mut s = vec![0f32; n * f];
+                rms_norm(&g, w, eps, &mut s);
+                g = s;
+            }
+            let mut d = vec![0f32; n * h];
+            b.down.forward(&g, n, &mut d);
+            x.iter_mut().zip(&d).for_each(|(a, v)| *a += v);
+            if keep_hidden {
+                hidden.push(x.clone());
+            }
+        }
+        cache.len += n;
+        rms_norm(&x, &self.final_norm, eps, &mut normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; n * head.rows];
+        head.matmul_t(&normed, n, &mut logits);
+        Ok(ForwardOutput { logits, hidden })
+    }
+
+    /// Causal grouped-query attention for `n` new tokens; returns `[n, heads * head_dim]`,
+    /// after the attention sub-norm if the family has one.
+    fn attention(
+        &self,
+        layer: usize,
+        b: &Block<L>,
+        x: &[f32],
+        n: usize,
+        cache: &mut KvCache,
+        inv_freq: &[f32],
+    ) -> Vec<f32> {
+        let cfg = &self.config;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        b.q.forward(x, n, &mut q);
+        b.k.forward(x, n, &mut k);
+        b.v.forward(x, n, &mut v);
+        let start = cache.len;
+        for t in 0..n {
+            rope(&mut q[t * qd..(t + 1) * qd], hd, start + t, inv_freq);
+            rope(&mut k[t * kvd..(t + 1) * kvd], hd, start + t, inv_freq);
+        }
+        cache.k[layer].extend_from_slice(&k);
+        cache.v[layer].extend_from_slice(&v);
+        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        let mut out = vec![0f32; n * qd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+            let (t, head) = (i / nh, i % nh);
+            let kvh = head / group;
+            let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
+            let visible = start + t + 1;
+            let mut scores: Vec<f32> = (0..visible)
+                .map(|p| dot_f32(qv, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale)
+                .collect();
+            let m = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - m).exp();
+                sum += *s;
+            }
+            o.fill(0.0);
+            for (p, s) in scores.iter().enumerate() {
+                let w = s / sum;
+                for (oo, vv) in o
+                    .iter_mut()
+                    .zip(&vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd])
+                {
+                    *oo += w * vv;
+                }
+            }
+        });
+        if let Some(w) = &b.attn_sub_norm {
+            let mut s = vec![0f32; n * qd];
+            rms_norm(&out, w, cfg.rms_norm_eps as f32, &mut s);
+            return s;
+        }
+        out
+    }
+}

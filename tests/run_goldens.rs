@@ -1,0 +1,279 @@
+//! The runner against an independent implementation: logits of HF transformers (float32,
+//! BitNet online quantization = the training forward) committed by fixtures/make_hf_goldens.py.
+//! Both the packed integer path and the source qat path must match; the fp path must not.
+
+mod common;
+
+use bitnet_pack::compare::{PACKED_VS_QAT, compare};
+use bitnet_pack::format::BpkFile;
+use bitnet_pack::run::{KvCache, SourceMode, packed, source};
+use bitnet_pack::source::Checkpoint;
+use common::*;
+
+const ALL: [&str; 5] = [
+    "tiny-2b4t-qat",
+    "tiny-llama-fp",
+    "tiny-awkward",
+    "tiny-sharded",
+    "tiny-hf-saved",
+];
+
+struct Golden {
+    tokens: Vec<u32>,
+    logits: Vec<f32>,
+}
+
+fn golden(name: &str, mode: &str) -> Golden {
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture(name).join(format!("golden_logits_hf_{mode}.json"))).unwrap(),
+    )
+    .unwrap();
+    let tokens = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let logits = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    Golden { tokens, logits }
+}
+
+#[test]
+fn packed_and_qat_paths_match_transformers_and_fp_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ALL {
+        let ckpt = Checkpoint::open(&fixture(name)).unwrap();
+        let vocab = ckpt.config.vocab_size;
+        let (qat, fp) = (golden(name, "qat"), golden(name, "fp"));
+        for layout in ["i2", "i8"] {
+            let bpk = tmp.path().join(format!("{name}-{layout}.bpk"));
+            convert_ok(&fixture(name), &bpk, &["--layout", layout]);
+            let file = BpkFile::open(&bpk).unwrap();
+            let model = packed::load(&file).unwrap();
+            let out = model
+                .forward(&qat.tokens, &mut KvCache::new(&ckpt.config), false)
+                .unwrap();
+            let s = compare(&qat.logits, &out.logits, vocab, true);
+            assert!(
+                s.logits_pass(&PACKED_VS_QAT),
+                "{name} {layout} packed vs transformers: {s:?}"
+            );
+        }
+        let run = |mode, tokens: &[u32]| {
+            let m = source::load(&ckpt, mode).unwrap();
+            m.forward(tokens, &mut KvCache::new(&ckpt.config), false)
+                .unwrap()
+                .logits
+        };
+        let s = compare(&qat.logits, &run(SourceMode::Qat, &qat.tokens), vocab, true);
+        assert!(
+            s.logits_pass(&PACKED_VS_QAT),
+            "{name} source qat vs transformers: {s:?}"
+        );
+        let s = compare(&fp.logits, &run(SourceMode::Fp, &fp.tokens), vocab, true);
+        assert!(
+            s.logits_pass(&PACKED_VS_QAT),
+            "{name} source fp vs transformers fp: {s:?}"
+        );
+        // The check can fail: without quantization the logits are far from the qat golden.
+        let s = compare(&qat.logits, &run(SourceMode::Fp, &qat.tokens), vocab, true);
+        assert!(
+            !s.logits_pass(&PACKED_VS_QAT) && s.rel_l2 > 0.5,
+            "{name}: fp unexpectedly matches qat: {s:?}"
+        );
+    }
+}
+
+/// Decoding one token at a time through the KV cache gives the same logits as one prefill.
+#[test]
+fn incremental_decoding_equals_prefill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-2b4t-qat"), &bpk, &[]);
+    let file = BpkFile::open(&bpk).unwrap();
+    let model = packed::load(&file).unwrap();
+    let tokens = golden("tiny-2b4t-qat", "qat").tokens;
+    let full = model
+        .forward(&tokens, &mut KvCache::new(&model.config), false)
+        .unwrap()
+        .logits;
+    let mut cache = KvCache::new(&model.config);
+    let mut step = Vec::new();
+    for t in &tokens {
+        step.extend(model.forward(&[*t], &mut cache, false).unwrap().logits);
+    }
+    let s = compare(&full, &step, model.config.vocab_size, true);
+    assert!(s.rel_l2 < 1e-5 && s.top1_agreement == 1.0, "{s:?}");
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture("tiny-hf-saved").join("golden_generate_hf.json")).unwrap(),
+    )
+    .unwrap();
+    let want: Vec<u64> = v["generated_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let prompt = v["prompt"].as_str().unwrap();
+    let n = want.len().to_string();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-hf-saved"), &bpk, &[]);
+    let tokenizer = fixture("tiny-hf-saved").join("tokenizer.json");
+    for model in [
+        bpk.to_str().unwrap(),
+        fixture("tiny-hf-saved").to_str().unwrap(),
+    ] {
+        let o = bin(&[
+            "run",
+            model,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            &n,
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+        ]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let line = stderr(&o)
+            .lines()
+            .find(|l| l.contains("generated tokens"))
+            .unwrap()
+            .to_string();
+        let got: Vec<u64> = line
+            .rsplit('[')
+            .next()
+            .unwrap()
+            .trim_end_matches(']')
+            .split(", ")
+            .map(|t| t.parse().unwrap())
+            .collect();
+        assert_eq!(got, want, "{model}");
+    }
+}
+
+#[test]
+fn parity_command_passes_on_every_fixture_and_reports_fp_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ALL {
+        let bpk = tmp.path().join(format!("{name}.bpk"));
+        convert_ok(&fixture(name), &bpk, &[]);
+        let (src, p) = (fixture(name), bpk.to_str().unwrap().to_string());
+        let o = bin(&["parity", src.to_str().unwrap(), &p, "--json"]);
+        assert_eq!(code(&o), 0, "{name}: {}", stdout(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(v["pass"], true);
+        assert_eq!(
+            v["layers"].as_array().unwrap().len(),
+            Checkpoint::open(&src).unwrap().config.num_layers
+        );
+        let o = bin(&["parity", src.to_str().unwrap(), &p, "--against", "fp"]);
+        assert_eq!(code(&o), 0, "{name}: {}", stdout(&o));
+        assert!(stdout(&o).contains("informational"));
+    }
+}
+
+#[test]
+fn convert_verify_runs_parity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-awkward"), &bpk, &["--verify"]);
+    assert_eq!(code(&bin(&["validate", bpk.to_str().unwrap()])), 0);
+}
+
+#[test]
+fn run_rejects_bad_input_with_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-awkward"), &bpk, &[]);
+    let p = bpk.to_str().unwrap();
+    // vocab_size is 301; max_position_embeddings is 64.
+    let o = bin(&["run", p, "--tokens", "1,301"]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("301") && stderr(&o).contains("vocab"),
+        "{}",
+        stderr(&o)
+    );
+    let long: Vec<String> = (0..65).map(|i| (i % 300).to_string()).collect();
+    let o = bin(&["run", p, "--tokens", &long.join(",")]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("max_position_embeddings"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bin(&["run", p, "--tokens", "1,2", "--mode", "fp"]);
+    assert_eq!(code(&o), 2);
+    // A packed file from another checkpoint is not its pair.
+    let other = tmp.path().join("other.bpk");
+    convert_ok(&fixture("tiny-llama-fp"), &other, &[]);
+    let o = bin(&[
+        "parity",
+        fixture("tiny-awkward").to_str().unwrap(),
+        other.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("not made from this checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+    // Same model, rewritten weights: provenance catches it unless told otherwise.
+    let copy = copy_fixture("tiny-awkward");
+    edit_tensors(copy.path(), |_| {});
+    let o = bin(&["parity", copy.path().to_str().unwrap(), p]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("--no-provenance-check"));
+    assert_eq!(
+        code(&bin(&[
+            "parity",
+            copy.path().to_str().unwrap(),
+            p,
+            "--no-provenance-check"
+        ])),
+        0
+    );
+}
+
+#[test]
+fn unsupported_activation_scheme_is_refused() {
+    use bitnet_pack::format::header::RotationSite;
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-awkward"), &bpk, &[]);
+    let mut file = BpkFile::open(&bpk).unwrap();
+    file.header
+        .quantization
+        .online_rotations
+        .push(RotationSite {
+            role: bitnet_pack::model::Role::DownProj,
+            layer: None,
+            transform: "hadamard".into(),
+            dim: 135,
+        });
+    assert!(matches!(
+        packed::load(&file),
+        Err(bitnet_pack::run::RunError::UnsupportedScheme { .. })
+    ));
+    let mut file = BpkFile::open(&bpk).unwrap();
+    file.header.quantization.activations.bits = 4;
+    assert!(matches!(
+        packed::load(&file),
+        Err(bitnet_pack::run::RunError::UnsupportedScheme { .. })
+    ));
+}
