@@ -340,3 +340,28 @@ fn cli_validate_exit_codes() {
         2
     );
 }
+
+/// Found by fuzzing: ternary entries with a zero dimension made validation panic (rows of zero
+/// bytes) or abort (a row buffer sized by a dimension the data cannot hold). Both must be
+/// reported as a bad shape, and opening the file must fail with an error.
+#[test]
+fn zero_dimensions_are_reported_not_crashed_on() {
+    use bitnet_pack::format::{BpkFile, Storage};
+    let clean = converted("tiny-2b4t-qat", &[]);
+    for shape in [vec![1u64, 0], vec![0, 1_898_210_101_902]] {
+        let bad = rewrite(
+            &clean,
+            |h| {
+                let i = index_of(h, Q0);
+                h.tensors[i].shape = shape.clone();
+                h.tensors[i].length = 0;
+                h.tensors[i].sha256 = bitnet_pack::source::hex(&Sha256::digest(b""));
+            },
+            |_, _| {},
+        );
+        let k = kinds(&bad);
+        assert!(k.contains(&"BadShape".to_string()), "{shape:?}: {k:?}");
+        let opened = BpkFile::from_storage(std::path::Path::new("fuzzed.bpk"), Storage::Owned(bad));
+        assert!(opened.is_err(), "{shape:?} opened");
+    }
+}

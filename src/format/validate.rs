@@ -226,7 +226,12 @@ fn check_data(
         return (e.length, problems);
     };
     if let Some(layout) = e.encoding.ternary() {
-        if e.compression == Compression::None && stored.len() as u64 == raw_len {
+        // A zero dimension was reported as a bad shape; reading rows of zero bytes (or
+        // allocating a row buffer for a dimension the data cannot hold) must not happen.
+        // With both dimensions non-zero and the stored length equal to `rows * row_bytes`,
+        // `k <= 4 * stored.len()`, so the row buffer is bounded by the file's size.
+        let well_formed = e.shape.len() == 2 && !e.shape.contains(&0);
+        if well_formed && e.compression == Compression::None && stored.len() as u64 == raw_len {
             let k = e.shape[1] as usize;
             let mut trits = vec![0i8; k];
             for (row, src) in stored.chunks_exact(layout.row_bytes(k)).enumerate() {
