@@ -38,10 +38,27 @@ impl AbsmeanScale {
     }
 
     /// Ternarizes one weight: `clamp(round_half_even(w * s), -1, 1)`.
+    ///
+    /// Written as two comparisons, which is the same function (a tie at ±0.5 rounds to even,
+    /// that is to 0; NaN gives 0 as the float-to-int cast of NaN does) but compiles to
+    /// vector compares instead of a library call to `rintf` per weight.
     #[inline]
     pub fn trit(&self, w: f32) -> i8 {
-        (w * self.inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8
+        let x = w * self.inv_scale;
+        (x > 0.5) as i8 - (x < -0.5) as i8
     }
+}
+
+/// `clamp(round_half_even(y), lo, hi)` for bounds within ±2^22, without a library call.
+///
+/// After the clamp, adding and subtracting `1.5 * 2^23` leaves the value rounded to an integer
+/// by the FPU's round-to-nearest-even mode, exactly as `f32::round_ties_even` does, for any
+/// `|y| <= 2^22`. NaN stays NaN (and casts to 0, as before).
+#[inline]
+pub fn round_clamp(y: f32, lo: f32, hi: f32) -> f32 {
+    debug_assert!(lo >= -4_194_304.0 && hi <= 4_194_304.0);
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (y.clamp(lo, hi) + MAGIC) - MAGIC
 }
 
 /// Sum of absolute values of one row in f64, in a fixed order (four interleaved partial sums,
@@ -72,6 +89,64 @@ mod tests {
         assert_eq!(sc.trit(1.5), 1);
         assert_eq!(sc.trit(0.5000001), 1);
         assert_eq!(sc.trit(-7.0), -1);
+    }
+
+    fn trit_reference(sc: &AbsmeanScale, w: f32) -> i8 {
+        (w * sc.inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8
+    }
+
+    #[test]
+    fn trit_equals_the_rounding_definition() {
+        let sc = AbsmeanScale::from_abs_sum(4.0, 4);
+        let mut specials = vec![0.0f32, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, f32::NAN];
+        specials.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+        ]);
+        specials.extend([0.5f32.next_up(), 0.5f32.next_down(), (-0.5f32).next_down()]);
+        for w in specials {
+            assert_eq!(sc.trit(w), trit_reference(&sc, w), "{w}");
+        }
+        // A sweep of bit patterns, with a scale that is not a power of two.
+        let sc = AbsmeanScale::from_abs_sum(0.7351, 3);
+        let mut bits = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let w = f32::from_bits(bits >> 3) * if bits & 1 == 0 { 1.0 } else { -1.0 };
+            assert_eq!(sc.trit(w), trit_reference(&sc, w), "{w}");
+        }
+    }
+
+    #[test]
+    fn round_clamp_equals_round_ties_even() {
+        let reference = |y: f32| y.round_ties_even().clamp(-128.0, 127.0);
+        let mut ys = vec![
+            0.5f32, -0.5, 1.5, -1.5, 2.5, 126.5, 127.5, -127.5, -128.5, 1e9, -1e9,
+        ];
+        ys.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.49999997,
+            3.5000002,
+        ]);
+        for i in -600..=600 {
+            ys.push(i as f32 * 0.25);
+        }
+        let mut bits = 0x9e37_79b9u32;
+        for _ in 0..200_000 {
+            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ys.push(f32::from_bits(bits));
+        }
+        for y in ys {
+            let (a, b) = (round_clamp(y, -128.0, 127.0), reference(y));
+            assert!(a == b || (a.is_nan() && b.is_nan()), "{y}: {a} vs {b}");
+            assert_eq!(a as i8, b as i8, "{y}");
+        }
+        assert!(round_clamp(f32::NAN, -128.0, 127.0).is_nan());
     }
 
     #[test]

@@ -2,4 +2,4 @@
 
 pub mod absmean;
 
-pub use absmean::{ABSMEAN_EPS, ACTIVATION_EPS, AbsmeanScale, abs_sum_f64};
+pub use absmean::{ABSMEAN_EPS, ACTIVATION_EPS, AbsmeanScale, abs_sum_f64, round_clamp};

@@ -5,7 +5,7 @@
 //! inputs of awkward sizes. The AVX2 kernels are chosen at run time when the CPU has AVX2.
 
 use crate::pack::{TernaryLayout, i2};
-use crate::quant::ACTIVATION_EPS;
+use crate::quant::{ACTIVATION_EPS, round_clamp};
 
 /// Largest magnitude of a quantized activation (`2^(8-1) - 1`).
 pub const ACT_QMAX: f32 = 127.0;
@@ -17,7 +17,7 @@ pub fn quantize_activation(x: &[f32], out: &mut [i8]) -> f32 {
     let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let s = ACT_QMAX / absmax.max(ACTIVATION_EPS);
     for (q, &v) in out.iter_mut().zip(x) {
-        *q = (v * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+        *q = round_clamp(v * s, -128.0, 127.0) as i8;
     }
     out[x.len()..].fill(0);
     s

@@ -14,7 +14,7 @@ use super::RunError;
 use super::kernels::ACT_QMAX;
 use super::model::{Block, FloatMatrix, Linear, Transformer};
 use crate::model::Role;
-use crate::quant::{ACTIVATION_EPS, AbsmeanScale, abs_sum_f64};
+use crate::quant::{ACTIVATION_EPS, AbsmeanScale, abs_sum_f64, round_clamp};
 use crate::source::dtype::decode_f32;
 use crate::source::{Checkpoint, SourceTensor};
 
@@ -63,7 +63,7 @@ pub fn fake_quant_activations(x: &mut [f32], k: usize) {
         let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
         let s = ACT_QMAX / absmax.max(ACTIVATION_EPS);
         for v in row.iter_mut() {
-            *v = (*v * s).round_ties_even().clamp(-128.0, 127.0) / s;
+            *v = round_clamp(*v * s, -128.0, 127.0) / s;
         }
     }
 }
