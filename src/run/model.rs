@@ -43,8 +43,21 @@ impl FloatMatrix<'_> {
     }
 
     /// `y[t, r] = sum_c x[t, c] * M[r, c]` for `n` tokens, parallel over rows; f32 accumulation.
+    ///
+    /// For one token (decoding) each row is converted and multiplied in one pass over its bytes
+    /// ([`dot_row`]); for several tokens each row is converted once and reused. Both compute the
+    /// same sums in the same order, so the logits do not depend on how many tokens are batched.
     pub fn matmul_t(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
+        let row_bytes = cols * self.dtype.size();
+        if n == 1 {
+            y[..rows]
+                .par_iter_mut()
+                .zip(self.bytes.par_chunks(row_bytes))
+                .with_min_len(64)
+                .for_each(|(o, w)| *o = dot_row(self.dtype, w, &x[..cols]));
+            return;
+        }
         let mut yt = vec![0f32; rows * n];
         yt.par_chunks_mut(n).enumerate().for_each_init(
             || vec![0f32; cols],
@@ -63,8 +76,20 @@ impl FloatMatrix<'_> {
     }
 }
 
-/// f32 dot product with eight partial sums (vectorizes; order fixed).
+/// f32 dot product with eight partial sums (lane `i` sums elements `i, i+8, ...`), combined in a
+/// fixed order. The AVX2 build of the same code gives the same result bit for bit: no fused
+/// multiply-add, same partial sums.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time just above).
+        return unsafe { avx2::dot_f32(a, b) };
+    }
+    dot_f32_body(a, b)
+}
+
+#[inline(always)]
+fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let mut ca = a.chunks_exact(8);
     let mut cb = b.chunks_exact(8);
@@ -80,6 +105,97 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// `sum_c decode(w[c]) * x[c]` straight from a stored row of `dtype` elements: equal, bit for
+/// bit, to decoding the row with [`decode_f32`] and calling [`dot_f32`], without the
+/// intermediate buffer (the head of a 2B4T model is 656 MB of bf16 read once per token).
+pub fn dot_row(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len() * dtype.size());
+    #[cfg(target_arch = "x86_64")]
+    if super::kernels::has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time just above).
+        return unsafe { avx2::dot_row(dtype, w, x) };
+    }
+    dot_row_body(dtype, w, x)
+}
+
+#[inline(always)]
+fn dot_row_body(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
+    match dtype {
+        FloatDtype::Bf16 => {
+            let mut acc = [0f32; 8];
+            let mut cw = w.chunks_exact(16);
+            let mut cx = x.chunks_exact(8);
+            for (b, xs) in (&mut cw).zip(&mut cx) {
+                for i in 0..8 {
+                    let bits = u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16;
+                    acc[i] += f32::from_bits(bits) * xs[i];
+                }
+            }
+            let tail: f32 = cw
+                .remainder()
+                .chunks_exact(2)
+                .zip(cx.remainder())
+                .map(|(b, x)| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16) * x)
+                .sum();
+            acc.iter().sum::<f32>() + tail
+        }
+        _ => {
+            // f32 and f16 heads are rare in BitNet checkpoints: convert in slices of a small
+            // stack buffer and reuse the f32 kernel's order by accumulating lane-wise.
+            let size = dtype.size();
+            let mut acc = [0f32; 8];
+            let mut buf = [0f32; 256];
+            let full = x.len() / 8 * 8;
+            let mut start = 0;
+            while start < full {
+                let len = (full - start).min(buf.len());
+                decode_f32(
+                    dtype,
+                    &w[start * size..(start + len) * size],
+                    &mut buf[..len],
+                );
+                for (ws, xs) in buf[..len]
+                    .chunks_exact(8)
+                    .zip(x[start..start + len].chunks_exact(8))
+                {
+                    for i in 0..8 {
+                        acc[i] += ws[i] * xs[i];
+                    }
+                }
+                start += len;
+            }
+            let mut tail_w = [0f32; 8];
+            let rest = x.len() - full;
+            decode_f32(dtype, &w[full * size..], &mut tail_w[..rest]);
+            let tail: f32 = tail_w[..rest]
+                .iter()
+                .zip(&x[full..])
+                .map(|(a, b)| a * b)
+                .sum();
+            acc.iter().sum::<f32>() + tail
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::FloatDtype;
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        super::dot_f32_body(a, b)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_row(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
+        super::dot_row_body(dtype, w, x)
+    }
 }
 
 /// The weights of one transformer block.
@@ -321,5 +437,61 @@ impl<L: Linear> Transformer<'_, L> {
             return s;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::dtype::encode_f32;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// The fused row kernel (portable and AVX2 builds) equals decode-then-dot bit for bit.
+    #[test]
+    fn dot_row_equals_decode_then_dot() {
+        for dtype in [FloatDtype::Bf16, FloatDtype::F16, FloatDtype::F32] {
+            for n in [0usize, 1, 7, 8, 9, 255, 256, 257, 300, 2560, 2567] {
+                let mut w = Vec::new();
+                encode_f32(dtype, &values(n, 3 + n as u32), &mut w);
+                let x = values(n, 11);
+                let mut decoded = vec![0f32; n];
+                decode_f32(dtype, &w, &mut decoded);
+                let expected = dot_f32_body(&decoded, &x);
+                assert_eq!(dot_row_body(dtype, &w, &x).to_bits(), expected.to_bits());
+                assert_eq!(dot_row(dtype, &w, &x).to_bits(), expected.to_bits());
+                assert_eq!(dot_f32(&decoded, &x).to_bits(), expected.to_bits());
+            }
+        }
+    }
+
+    /// One token at a time and a batch of tokens give the same logits.
+    #[test]
+    fn matmul_t_single_and_batched_agree() {
+        let (rows, cols, n) = (37, 133, 3);
+        let mut bytes = Vec::new();
+        encode_f32(FloatDtype::Bf16, &values(rows * cols, 5), &mut bytes);
+        let m = FloatMatrix {
+            dtype: FloatDtype::Bf16,
+            bytes: Cow::Owned(bytes),
+            rows,
+            cols,
+        };
+        let x = values(n * cols, 9);
+        let mut batched = vec![0f32; n * rows];
+        m.matmul_t(&x, n, &mut batched);
+        for t in 0..n {
+            let mut single = vec![0f32; rows];
+            m.matmul_t(&x[t * cols..(t + 1) * cols], 1, &mut single);
+            assert_eq!(single, batched[t * rows..(t + 1) * rows]);
+        }
     }
 }
