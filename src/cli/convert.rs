@@ -52,6 +52,8 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         bar.set_length(t);
     }
     let start = Instant::now();
+    // Filled by a passing verification, for the summary line.
+    let verified = std::sync::Mutex::new(None);
     let verify = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), String> {
         if !a.verify {
             return Ok(());
@@ -61,6 +63,11 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         let report =
             parity(ckpt, &file, &tokens, SourceMode::Qat, true).map_err(|e| e.to_string())?;
         if report.pass {
+            *verified.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+                tokens.len(),
+                report.logits.rel_l2,
+                report.logits.top1_agreement,
+            ));
             Ok(())
         } else {
             Err(format!(
@@ -103,6 +110,12 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             secs,
             human_bytes((summary.source_tensor_bytes as f64 / secs.max(1e-9)) as u64),
         );
+        if let Some((n, rel_l2, top1)) = *verified.lock().unwrap_or_else(|e| e.into_inner()) {
+            eprintln!(
+                "verified: packed vs source (qat) on {n} random tokens: logits rel L2 {rel_l2:.2e}, top-1 agreement {:.1}%: PASS",
+                100.0 * top1
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
