@@ -20,7 +20,8 @@ use crate::format::{
     WriteError,
 };
 use crate::pack::TernaryLayout;
-use crate::quant::{AbsmeanScale, abs_sum_f64};
+use crate::quant::AbsmeanScale;
+use crate::quant::rows::{row_abs_sum, row_ternarize};
 use crate::source::dtype::{decode_f32, encode_f32};
 use crate::source::{CONFIG_FILE, Checkpoint, FloatDtype, SourceError, SourceTensor, sha256_file};
 
@@ -265,13 +266,7 @@ pub fn ternarize(
         .enumerate()
         .map_init(
             || vec![0f32; k],
-            |buf, (r, src)| {
-                decode_f32(dtype, src, buf);
-                match buf.iter().position(|v| !v.is_finite()) {
-                    Some(i) => Err((r * k + i, buf[i])),
-                    None => Ok(abs_sum_f64(buf)),
-                }
-            },
+            |buf, (r, src)| row_abs_sum(dtype, src, buf).map_err(|i| (r * k + i, buf[i])),
         )
         .collect();
     let mut total = 0f64;
@@ -287,12 +282,8 @@ pub fn ternarize(
         .zip(bytes.par_chunks(src_row))
         .for_each_init(
             || (vec![0f32; k], vec![0i8; k]),
-            |(weights, trits), (dst, src)| {
-                decode_f32(dtype, src, weights);
-                for (t, &w) in trits.iter_mut().zip(weights.iter()) {
-                    *t = scale.trit(w);
-                }
-                layout.pack_row(trits, dst);
+            |(buf, trits), (dst, src)| {
+                row_ternarize(dtype, src, &scale, layout, buf, trits, dst);
             },
         );
     Ok((scale, packed))

@@ -30,12 +30,14 @@ pub fn position(e: usize) -> (usize, u32) {
     (block * BLOCK_BYTES + j % PLANE, 2 * (j / PLANE) as u32)
 }
 
-#[inline]
+#[inline(always)]
 fn code(t: i8) -> u8 {
     (t + 1) as u8
 }
 
 /// Packs one row of trits (values in -1..=1) into `out` (`row_bytes(trits.len())` bytes).
+// Always inlined, so that the AVX2 builds of its callers (quant::rows, run::model) vectorize it too.
+#[inline(always)]
 pub fn pack_row(trits: &[i8], out: &mut [u8]) {
     debug_assert_eq!(out.len(), row_bytes(trits.len()));
     let full = trits.len() / BLOCK;

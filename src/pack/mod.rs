@@ -43,6 +43,8 @@ impl TernaryLayout {
     }
 
     /// Packs one row of trits into `out` (exactly `row_bytes(trits.len())` bytes).
+    // Always inlined, so that the AVX2 builds of its callers (quant::rows, run::model) vectorize it too.
+    #[inline(always)]
     pub fn pack_row(self, trits: &[i8], out: &mut [u8]) {
         match self {
             TernaryLayout::I2 => i2::pack_row(trits, out),

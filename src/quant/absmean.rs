@@ -42,7 +42,7 @@ impl AbsmeanScale {
     /// Written as two comparisons, which is the same function (a tie at ±0.5 rounds to even,
     /// that is to 0; NaN gives 0 as the float-to-int cast of NaN does) but compiles to
     /// vector compares instead of a library call to `rintf` per weight.
-    #[inline]
+    #[inline(always)]
     pub fn trit(&self, w: f32) -> i8 {
         let x = w * self.inv_scale;
         (x > 0.5) as i8 - (x < -0.5) as i8
@@ -61,19 +61,36 @@ pub fn round_clamp(y: f32, lo: f32, hi: f32) -> f32 {
     (y.clamp(lo, hi) + MAGIC) - MAGIC
 }
 
-/// Sum of absolute values of one row in f64, in a fixed order (four interleaved partial sums,
-/// combined at the end) so that the compiler can vectorize it and the result never depends on
-/// how rows are spread over threads.
+/// Partial sums in [`abs_sum_f64`]: enough independent f64 additions in flight to keep the
+/// adder busy (four AVX2 vectors of four).
+const ABS_SUM_LANES: usize = 16;
+
+/// Sum of absolute values of one row in f64, in a fixed order so that the compiler can
+/// vectorize it and the result never depends on how rows are spread over threads: lane `i`
+/// sums elements `i, i + 16, i + 32, ...`; the lanes are then added pairwise (lane `i` plus
+/// lane `i + 8`, then `i + 4`, `i + 2`, `i + 1`), and the elements after the last full group of
+/// 16 are added last, in order.
+// Always inlined, so that the AVX2 builds of its callers (quant::rows) vectorize it too.
+#[inline(always)]
 pub fn abs_sum_f64(row: &[f32]) -> f64 {
-    let mut acc = [0f64; 4];
-    let mut chunks = row.chunks_exact(4);
+    let mut acc = [0f64; ABS_SUM_LANES];
+    let mut chunks = row.chunks_exact(ABS_SUM_LANES);
     for c in &mut chunks {
         for (a, v) in acc.iter_mut().zip(c) {
             *a += f64::from(v.abs());
         }
     }
-    let tail: f64 = chunks.remainder().iter().map(|v| f64::from(v.abs())).sum();
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    let mut width = ABS_SUM_LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .fold(acc[0], |s, v| s + f64::from(v.abs()))
 }
 
 #[cfg(test)]
@@ -171,5 +188,33 @@ mod tests {
         let row: Vec<f32> = (0..7).map(|i| i as f32 - 3.0).collect();
         assert_eq!(abs_sum_f64(&row), 12.0);
         assert_eq!(abs_sum_f64(&[]), 0.0);
+        // Integers are summed exactly in f64, whatever the order: full groups plus a tail.
+        for n in [15usize, 16, 17, 33, 2567] {
+            let row: Vec<f32> = (0..n).map(|i| (i % 11) as f32 - 5.0).collect();
+            let exact: i64 = (0..n).map(|i| ((i % 11) as i64 - 5).abs()).sum();
+            assert_eq!(abs_sum_f64(&row), exact as f64, "{n}");
+        }
+    }
+
+    #[test]
+    fn abs_sum_follows_its_documented_order() {
+        let row: Vec<f32> = (0..1000)
+            .map(|i| ((i * 7919 % 1013) as f32).sqrt() * 1e-3)
+            .collect();
+        let mut lanes = [0f64; 16];
+        let full = row.len() / 16 * 16;
+        for (i, v) in row[..full].iter().enumerate() {
+            lanes[i % 16] += f64::from(v.abs());
+        }
+        for width in [8, 4, 2, 1] {
+            for i in 0..width {
+                lanes[i] += lanes[i + width];
+            }
+        }
+        let mut expected = lanes[0];
+        for v in &row[full..] {
+            expected += f64::from(v.abs());
+        }
+        assert_eq!(abs_sum_f64(&row).to_bits(), expected.to_bits());
     }
 }

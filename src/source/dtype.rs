@@ -51,6 +51,8 @@ impl FloatDtype {
 
 /// Decodes little-endian elements of `dtype` from `bytes` into `out` (exact: every f16 and bf16
 /// value is representable in f32). `bytes.len()` must be `out.len() * dtype.size()`.
+// Always inlined, so that the AVX2 builds of its callers (quant::rows, run::model) vectorize it too.
+#[inline(always)]
 pub fn decode_f32(dtype: FloatDtype, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     match dtype {
