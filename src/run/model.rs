@@ -76,9 +76,27 @@ impl FloatMatrix<'_> {
     }
 }
 
-/// f32 dot product with eight partial sums (lane `i` sums elements `i, i+8, ...`), combined in a
-/// fixed order. The AVX2 build of the same code gives the same result bit for bit: no fused
-/// multiply-add, same partial sums.
+/// Partial sums of the float dot products: four AVX2 vectors (eight SSE2 vectors) of
+/// independent additions, enough to hide the adder's latency.
+const DOT_LANES: usize = 32;
+
+/// Combines the partial sums pairwise (lane `i` plus lane `i + 16`, then `+ 8`, ...), then
+/// adds the products after the last full group in order.
+#[inline(always)]
+fn reduce_lanes(mut acc: [f32; DOT_LANES], tail: impl Iterator<Item = f32>) -> f32 {
+    let mut width = DOT_LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    tail.fold(acc[0], |s, p| s + p)
+}
+
+/// f32 dot product with 32 partial sums (lane `i` sums elements `i, i + 32, ...`), combined in
+/// a fixed order ([`reduce_lanes`]). The AVX2 build of the same code gives the same result bit
+/// for bit: no fused multiply-add, same partial sums.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::kernels::has_avx2() {
@@ -90,21 +108,21 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
+    let mut acc = [0f32; DOT_LANES];
+    let mut ca = a.chunks_exact(DOT_LANES);
+    let mut cb = b.chunks_exact(DOT_LANES);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
+        for i in 0..DOT_LANES {
             acc[i] += x[i] * y[i];
         }
     }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    acc.iter().sum::<f32>() + tail
+    reduce_lanes(
+        acc,
+        ca.remainder()
+            .iter()
+            .zip(cb.remainder())
+            .map(|(x, y)| x * y),
+    )
 }
 
 /// `sum_c decode(w[c]) * x[c]` straight from a stored row of `dtype` elements: equal, bit for
@@ -121,80 +139,131 @@ pub fn dot_row(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
 }
 
 #[inline(always)]
+fn bf16_at(b: &[u8], i: usize) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16)
+}
+
+#[inline(always)]
 fn dot_row_body(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
-    match dtype {
-        FloatDtype::Bf16 => {
-            let mut acc = [0f32; 8];
-            let mut cw = w.chunks_exact(16);
-            let mut cx = x.chunks_exact(8);
-            for (b, xs) in (&mut cw).zip(&mut cx) {
-                for i in 0..8 {
-                    let bits = u32::from(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])) << 16;
-                    acc[i] += f32::from_bits(bits) * xs[i];
-                }
+    let mut acc = [0f32; DOT_LANES];
+    let full = x.len() / DOT_LANES * DOT_LANES;
+    let size = dtype.size();
+    if dtype == FloatDtype::Bf16 {
+        for (b, xs) in w[..full * 2]
+            .chunks_exact(2 * DOT_LANES)
+            .zip(x[..full].chunks_exact(DOT_LANES))
+        {
+            for i in 0..DOT_LANES {
+                acc[i] += bf16_at(b, i) * xs[i];
             }
-            let tail: f32 = cw
-                .remainder()
-                .chunks_exact(2)
-                .zip(cx.remainder())
-                .map(|(b, x)| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16) * x)
-                .sum();
-            acc.iter().sum::<f32>() + tail
         }
-        _ => {
-            // f32 and f16 heads are rare in BitNet checkpoints: convert in slices of a small
-            // stack buffer and reuse the f32 kernel's order by accumulating lane-wise.
-            let size = dtype.size();
-            let mut acc = [0f32; 8];
-            let mut buf = [0f32; 256];
-            let full = x.len() / 8 * 8;
-            let mut start = 0;
-            while start < full {
-                let len = (full - start).min(buf.len());
-                decode_f32(
-                    dtype,
-                    &w[start * size..(start + len) * size],
-                    &mut buf[..len],
-                );
-                for (ws, xs) in buf[..len]
-                    .chunks_exact(8)
-                    .zip(x[start..start + len].chunks_exact(8))
-                {
-                    for i in 0..8 {
-                        acc[i] += ws[i] * xs[i];
-                    }
-                }
-                start += len;
+    } else {
+        // f32 and f16 heads are rare in BitNet checkpoints: convert a group at a time.
+        let mut buf = [0f32; DOT_LANES];
+        for (b, xs) in w[..full * size]
+            .chunks_exact(size * DOT_LANES)
+            .zip(x[..full].chunks_exact(DOT_LANES))
+        {
+            decode_f32(dtype, b, &mut buf);
+            for i in 0..DOT_LANES {
+                acc[i] += buf[i] * xs[i];
             }
-            let mut tail_w = [0f32; 8];
-            let rest = x.len() - full;
-            decode_f32(dtype, &w[full * size..], &mut tail_w[..rest]);
-            let tail: f32 = tail_w[..rest]
-                .iter()
-                .zip(&x[full..])
-                .map(|(a, b)| a * b)
-                .sum();
-            acc.iter().sum::<f32>() + tail
         }
     }
+    let mut tail_w = [0f32; DOT_LANES];
+    let rest = x.len() - full;
+    decode_f32(dtype, &w[full * size..], &mut tail_w[..rest]);
+    reduce_lanes(
+        acc,
+        tail_w[..rest].iter().zip(&x[full..]).map(|(a, b)| a * b),
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::FloatDtype;
+    //! Explicit AVX2 versions of the float dots: four 8-wide accumulators are lanes
+    //! `0..8, 8..16, 16..24, 24..32` of the portable body's 32 partial sums, updated with the
+    //! same separate multiply and add, so the results are identical bit for bit.
+    use std::arch::x86_64::*;
+
+    use super::{DOT_LANES, FloatDtype, reduce_lanes};
+
+    #[inline(always)]
+    unsafe fn store(acc: [__m256; 4]) -> [f32; DOT_LANES] {
+        let mut out = [0f32; DOT_LANES];
+        for (j, v) in acc.into_iter().enumerate() {
+            // SAFETY: `out` has room for 8 floats at `8 * j` for j < 4.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v) };
+        }
+        out
+    }
 
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        super::dot_f32_body(a, b)
+        let n = a.len().min(b.len());
+        let full = n / DOT_LANES * DOT_LANES;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut e = 0;
+        while e < full {
+            for (j, slot) in acc.iter_mut().enumerate() {
+                // SAFETY: e + 8 * j + 8 <= full <= len of both slices.
+                let (x, y) = unsafe {
+                    (
+                        _mm256_loadu_ps(pa.add(e + 8 * j)),
+                        _mm256_loadu_ps(pb.add(e + 8 * j)),
+                    )
+                };
+                *slot = _mm256_add_ps(*slot, _mm256_mul_ps(x, y));
+            }
+            e += DOT_LANES;
+        }
+        // SAFETY: AVX2 is enabled in this function.
+        let lanes = unsafe { store(acc) };
+        reduce_lanes(
+            lanes,
+            a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y),
+        )
     }
 
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub unsafe fn dot_row(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
-        super::dot_row_body(dtype, w, x)
+        if dtype != FloatDtype::Bf16 || w.len() != 2 * x.len() {
+            return super::dot_row_body(dtype, w, x);
+        }
+        let full = x.len() / DOT_LANES * DOT_LANES;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let (pw, px) = (w.as_ptr(), x.as_ptr());
+        let mut e = 0;
+        while e < full {
+            for (j, slot) in acc.iter_mut().enumerate() {
+                // SAFETY: elements e + 8j .. e + 8j + 8 are within both rows (e + 32 <= full);
+                // the weights are 2 bytes each.
+                let (wv, xv) = unsafe {
+                    let raw = _mm_loadu_si128(pw.add(2 * (e + 8 * j)) as *const __m128i);
+                    let wide = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw));
+                    (
+                        _mm256_castsi256_ps(wide),
+                        _mm256_loadu_ps(px.add(e + 8 * j)),
+                    )
+                };
+                *slot = _mm256_add_ps(*slot, _mm256_mul_ps(wv, xv));
+            }
+            e += DOT_LANES;
+        }
+        // SAFETY: AVX2 is enabled in this function.
+        let lanes = unsafe { store(acc) };
+        reduce_lanes(
+            lanes,
+            w[2 * full..]
+                .chunks_exact(2)
+                .zip(&x[full..])
+                .map(|(b, v)| super::bf16_at(b, 0) * v),
+        )
     }
 }
 
