@@ -16,3 +16,23 @@ pub mod pack;
 pub mod quant;
 pub mod run;
 pub mod source;
+
+/// Helpers shared by unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// A fixed linear congruential sequence of 32-bit states (Numerical Recipes constants).
+    pub fn lcg(seed: u32) -> impl Iterator<Item = u32> {
+        std::iter::successors(Some(seed), |s| {
+            Some(s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223))
+        })
+        .skip(1)
+    }
+
+    /// `n` reproducible values spread uniformly over `[lo, hi)`.
+    pub fn uniform(n: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
+        lcg(seed)
+            .take(n)
+            .map(|s| lo + (s >> 8) as f32 / (1u32 << 24) as f32 * (hi - lo))
+            .collect()
+    }
+}

@@ -128,9 +128,7 @@ mod tests {
         }
         // A sweep of bit patterns, with a scale that is not a power of two.
         let sc = AbsmeanScale::from_abs_sum(0.7351, 3);
-        let mut bits = 0x1234_5678u32;
-        for _ in 0..200_000 {
-            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        for bits in crate::test_util::lcg(0x1234_5678).take(200_000) {
             let w = f32::from_bits(bits >> 3) * if bits & 1 == 0 { 1.0 } else { -1.0 };
             assert_eq!(sc.trit(w), trit_reference(&sc, w), "{w}");
         }
@@ -153,11 +151,11 @@ mod tests {
         for i in -600..=600 {
             ys.push(i as f32 * 0.25);
         }
-        let mut bits = 0x9e37_79b9u32;
-        for _ in 0..200_000 {
-            bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            ys.push(f32::from_bits(bits));
-        }
+        ys.extend(
+            crate::test_util::lcg(0x9e37_79b9)
+                .take(200_000)
+                .map(f32::from_bits),
+        );
         for y in ys {
             let (a, b) = (round_clamp(y, -128.0, 127.0), reference(y));
             assert!(a == b || (a.is_nan() && b.is_nan()), "{y}: {a} vs {b}");

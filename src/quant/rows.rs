@@ -105,13 +105,7 @@ mod tests {
     use crate::source::dtype::encode_f32;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 0.1
-            })
-            .collect()
+        crate::test_util::uniform(n, seed, -0.05, 0.05)
     }
 
     /// The dispatched kernels (AVX2 on a machine that has it) equal the baseline build and a
