@@ -248,10 +248,18 @@ impl Checkpoint {
         };
     }
 
-    /// SHA-256 of every shard file, in shard order, read sequentially with plain reads (not
-    /// through the memory map, so that hashing does not add to resident memory).
+    /// SHA-256 of every shard file, in shard order, each read through one small mapped window
+    /// at a time ([`sha256_file`]), so that hashing adds little to resident memory.
+    ///
+    /// SHA-256 is sequential within a file, so shards are hashed in parallel with each other
+    /// (on rayon's global pool, beside the conversion's workers).
     pub fn hash_shards(&self) -> Result<Vec<String>, SourceError> {
-        self.shards.iter().map(|s| sha256_file(&s.path)).collect()
+        use rayon::prelude::*;
+        self.shards
+            .par_iter()
+            .with_max_len(1)
+            .map(|s| sha256_file(&s.path))
+            .collect()
     }
 
     /// Total bytes of the tensors in canonical order (the work a conversion reads).

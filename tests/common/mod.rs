@@ -132,6 +132,9 @@ pub fn f32s(bytes: &[u8]) -> Vec<f32> {
 }
 
 /// SHA-256 of a file, hex.
+/// SHA-256 of a whole file read into memory (independent of the library's windowed hashing).
 pub fn sha256(path: &Path) -> String {
-    bitnet_pack::source::sha256_file(path).unwrap()
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(std::fs::read(path).unwrap());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
