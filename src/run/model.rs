@@ -188,14 +188,12 @@ mod avx2 {
 
     use super::{DOT_LANES, FloatDtype, reduce_lanes};
 
+    /// The four accumulators as the 32 lanes they hold, in order.
     #[inline(always)]
-    unsafe fn store(acc: [__m256; 4]) -> [f32; DOT_LANES] {
-        let mut out = [0f32; DOT_LANES];
-        for (j, v) in acc.into_iter().enumerate() {
-            // SAFETY: `out` has room for 8 floats at `8 * j` for j < 4.
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v) };
-        }
-        out
+    fn lanes(acc: [__m256; 4]) -> [f32; DOT_LANES] {
+        // SAFETY: `[__m256; 4]` and `[f32; 32]` have the same size (128 bytes), every bit
+        // pattern is a valid f32, and lane `i` of vector `j` is element `8 * j + i`.
+        unsafe { std::mem::transmute::<[__m256; 4], [f32; DOT_LANES]>(acc) }
     }
 
     /// # Safety
@@ -220,10 +218,8 @@ mod avx2 {
             }
             e += DOT_LANES;
         }
-        // SAFETY: AVX2 is enabled in this function.
-        let lanes = unsafe { store(acc) };
         reduce_lanes(
-            lanes,
+            lanes(acc),
             a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y),
         )
     }
@@ -255,10 +251,8 @@ mod avx2 {
             }
             e += DOT_LANES;
         }
-        // SAFETY: AVX2 is enabled in this function.
-        let lanes = unsafe { store(acc) };
         reduce_lanes(
-            lanes,
+            lanes(acc),
             w[2 * full..]
                 .chunks_exact(2)
                 .zip(&x[full..])
