@@ -365,3 +365,31 @@ fn zero_dimensions_are_reported_not_crashed_on() {
         assert!(opened.is_err(), "{shape:?} opened");
     }
 }
+
+/// An entry already reported by the structural checks (here: overlapping the previous tensor)
+/// is not read again: a hostile table could otherwise list a million entries over the same
+/// bytes and make validation hash them a million times.
+#[test]
+fn entries_with_structural_problems_are_not_read() {
+    let clean = converted("tiny-2b4t-qat", &[]);
+    let bad = rewrite(
+        &clean,
+        |h| {
+            let i = index_of(h, Q0);
+            let previous = h.tensors[i - 1].clone();
+            // Point q_proj into the previous tensor's bytes, with a digest that cannot match.
+            h.tensors[i].offset = previous.offset;
+            h.tensors[i].sha256 = "0".repeat(64);
+        },
+        |_, _| {},
+    );
+    let report = validate_bytes(&bad);
+    let about_q0: Vec<&str> = report
+        .findings
+        .iter()
+        .filter(|f| f.tensor.as_deref() == Some(Q0))
+        .map(|f| f.kind.as_str())
+        .collect();
+    assert!(about_q0.contains(&"Overlap"), "{about_q0:?}");
+    assert!(!about_q0.contains(&"DataChecksum"), "{about_q0:?}");
+}

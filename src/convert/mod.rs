@@ -138,8 +138,11 @@ pub fn convert_verified(
     .map_err(write_err)?;
 
     let (hashes, written) = std::thread::scope(|scope| {
-        let hasher = scope.spawn(|| ckpt.hash_shards());
-        let written = write_tensors(&ckpt, &mut writer, out, opts, progress);
+        // Hashing runs beside the conversion's workers, with as many threads as they have.
+        let threads = rayon::current_num_threads();
+        let ckpt = &ckpt;
+        let hasher = scope.spawn(move || ckpt.hash_shards(threads));
+        let written = write_tensors(ckpt, &mut writer, out, opts, progress);
         (
             hasher.join().expect("the hashing thread does not panic"),
             written,

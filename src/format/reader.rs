@@ -402,7 +402,19 @@ pub(crate) fn parse_container(bytes: &[u8]) -> Result<(Container, Vec<FormatErro
 /// Checks the layout the header describes against the file: lengths, padding, the tensor table.
 /// Reads no tensor data (padding bytes excepted). Returns every problem found.
 pub(crate) fn check_structure(c: &Container, bytes: &[u8]) -> Vec<FormatError> {
+    check_structure_per_entry(c, bytes).0
+}
+
+/// [`check_structure`], plus for each table entry whether it passed every structural check
+/// (sound on its own, aligned, in bounds, not overlapping an earlier entry). Only sound
+/// entries have their data read by validation: an entry already reported must not cost more
+/// work (a hostile table can list a million entries over the same bytes).
+pub(crate) fn check_structure_per_entry(
+    c: &Container,
+    bytes: &[u8],
+) -> (Vec<FormatError>, Vec<bool>) {
     let mut problems = Vec::new();
+    let mut sound = Vec::with_capacity(c.header.tensors.len());
     if let Err(reason) = c.header.model.check_limits() {
         problems.push(FormatError::BadConfig { reason });
     }
@@ -430,6 +442,7 @@ pub(crate) fn check_structure(c: &Container, bytes: &[u8]) -> Vec<FormatError> {
         let before = problems.len();
         check_entry(e, &mut names, &mut problems);
         if problems.len() > before {
+            sound.push(false);
             continue;
         }
         let start = data_offset.saturating_add(e.offset);
@@ -455,10 +468,13 @@ pub(crate) fn check_structure(c: &Container, bytes: &[u8]) -> Vec<FormatError> {
         } else {
             check_zero(bytes, previous_end, start, "inter-tensor", &mut problems);
             previous_end = end;
+            sound.push(true);
+            continue;
         }
+        sound.push(false);
     }
     check_zero(bytes, previous_end, data_end, "trailing", &mut problems);
-    problems
+    (problems, sound)
 }
 
 /// Checks one table entry on its own (names, shapes, encodings, scales).

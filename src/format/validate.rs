@@ -12,7 +12,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::header::{Compression, Header, TensorEntry};
-use super::reader::{Container, FormatError, Storage, check_structure, parse_container};
+use super::reader::{Container, FormatError, Storage, check_structure_per_entry, parse_container};
 use crate::model::expected_tensors;
 
 /// One problem, as data: a stable kind (the error variant), the tensor if any, and a message.
@@ -92,7 +92,7 @@ pub fn validate_bytes(bytes: &[u8]) -> ValidationReport {
         .iter()
         .map(|e| Finding::from_error(e, None))
         .collect();
-    let structural = check_structure(&container, bytes);
+    let (structural, sound) = check_structure_per_entry(&container, bytes);
     findings.extend(
         structural
             .iter()
@@ -111,7 +111,9 @@ pub fn validate_bytes(bytes: &[u8]) -> ValidationReport {
         .header
         .tensors
         .par_iter()
-        .map(|e| check_data(&container, bytes, data_offset, e))
+        .zip(&sound)
+        .filter(|(_, sound)| **sound)
+        .map(|(e, _)| check_data(&container, bytes, data_offset, e))
         .collect();
     let mut data_bytes_checked = 0;
     for (checked, errors) in deep {
@@ -226,16 +228,14 @@ fn check_data(
         return (e.length, problems);
     };
     if let Some(layout) = e.encoding.ternary() {
-        // A zero dimension was reported as a bad shape; reading rows of zero bytes (or
-        // allocating a row buffer for a dimension the data cannot hold) must not happen.
-        // With both dimensions non-zero and the stored length equal to `rows * row_bytes`,
-        // `k <= 4 * stored.len()`, so the row buffer is bounded by the file's size.
+        // A zero dimension was reported as a bad shape; reading rows of zero bytes must not
+        // happen. Codes are checked a block at a time, so memory does not depend on the
+        // (possibly hostile) row length.
         let well_formed = e.shape.len() == 2 && !e.shape.contains(&0);
         if well_formed && e.compression == Compression::None && stored.len() as u64 == raw_len {
             let k = e.shape[1] as usize;
-            let mut trits = vec![0i8; k];
             for (row, src) in stored.chunks_exact(layout.row_bytes(k)).enumerate() {
-                if let Err(source) = layout.unpack_row(src, &mut trits) {
+                if let Err(source) = layout.check_row(src, k) {
                     problems.push(FormatError::BadCode {
                         name: e.name.clone(),
                         row: row as u64,

@@ -25,6 +25,29 @@ pub enum CodeError {
     I8 { element: usize, value: i8 },
 }
 
+impl CodeError {
+    /// The same error for a row segment that starts `by` weights into its row.
+    fn shifted(self, by: usize) -> Self {
+        match self {
+            CodeError::I2(i2::I2Error::InvalidCode { element }) => {
+                CodeError::I2(i2::I2Error::InvalidCode {
+                    element: element + by,
+                })
+            }
+            CodeError::I2(i2::I2Error::BadPadding { slot, code }) => {
+                CodeError::I2(i2::I2Error::BadPadding {
+                    slot: slot + by,
+                    code,
+                })
+            }
+            CodeError::I8 { element, value } => CodeError::I8 {
+                element: element + by,
+                value,
+            },
+        }
+    }
+}
+
 impl TernaryLayout {
     /// Lower-case name, as on the command line and in .bpk headers.
     pub fn as_str(self) -> &'static str {
@@ -54,6 +77,21 @@ impl TernaryLayout {
                 }
             }
         }
+    }
+
+    /// Checks every code of one packed row of `k` weights (`bytes.len() == row_bytes(k)`)
+    /// without unpacking it whole: the same verdict and error as [`Self::unpack_row`], with
+    /// memory bounded by one block of 128 weights however long a (hostile) row claims to be.
+    pub fn check_row(self, bytes: &[u8], k: usize) -> Result<(), CodeError> {
+        debug_assert_eq!(bytes.len(), self.row_bytes(k));
+        let mut buf = [0i8; i2::BLOCK];
+        for (s, segment) in bytes.chunks(self.row_bytes(i2::BLOCK)).enumerate() {
+            let start = s * i2::BLOCK;
+            let n = (k - start).min(i2::BLOCK);
+            self.unpack_row(segment, &mut buf[..n])
+                .map_err(|e| e.shifted(start))?;
+        }
+        Ok(())
     }
 
     /// Unpacks one row of `out.len()` trits, checking every value.
@@ -88,6 +126,32 @@ mod tests {
                 let mut back = vec![0i8; trits.len()];
                 layout.unpack_row(&packed, &mut back).unwrap();
                 prop_assert_eq!(&back, &trits);
+            }
+        }
+    }
+
+    /// `check_row` finds exactly what `unpack_row` finds, at the same element, in rows of
+    /// several blocks with damage anywhere (codes, padding).
+    #[test]
+    fn check_row_agrees_with_unpack_row() {
+        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+            for k in [1usize, 127, 128, 129, 300, 515] {
+                let trits: Vec<i8> = (0..k).map(|i| (i % 3) as i8 - 1).collect();
+                let mut clean = vec![0u8; layout.row_bytes(k)];
+                layout.pack_row(&trits, &mut clean);
+                let mut out = vec![0i8; k];
+                assert_eq!(layout.check_row(&clean, k), Ok(()));
+                for pos in 0..clean.len() {
+                    for bits in [0x03u8, 0x0c, 0x30, 0xc0, 0x02, 0x80] {
+                        let mut bad = clean.clone();
+                        bad[pos] ^= bits;
+                        assert_eq!(
+                            layout.check_row(&bad, k),
+                            layout.unpack_row(&bad, &mut out),
+                            "{layout:?} k={k} byte {pos} ^ {bits:#x}"
+                        );
+                    }
+                }
             }
         }
     }

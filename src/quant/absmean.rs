@@ -52,13 +52,15 @@ impl AbsmeanScale {
 /// `clamp(round_half_even(y), lo, hi)` for bounds within ±2^22, without a library call.
 ///
 /// After the clamp, adding and subtracting `1.5 * 2^23` leaves the value rounded to an integer
-/// by the FPU's round-to-nearest-even mode, exactly as `f32::round_ties_even` does, for any
-/// `|y| <= 2^22`. NaN stays NaN (and casts to 0, as before).
-#[inline]
+/// by the FPU's round-to-nearest-even mode, as `f32::round_ties_even` does, for any
+/// `|y| <= 2^22`; the sign is then copied back so that values in `[-0.5, -0.0]` give `-0.0`
+/// as the reference does (the trick alone gives `+0.0`). Bit for bit equal to
+/// `y.round_ties_even().clamp(lo, hi)`; NaN stays NaN (and casts to 0, as before).
+#[inline(always)]
 pub fn round_clamp(y: f32, lo: f32, hi: f32) -> f32 {
     debug_assert!(lo >= -4_194_304.0 && hi <= 4_194_304.0);
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    (y.clamp(lo, hi) + MAGIC) - MAGIC
+    ((y.clamp(lo, hi) + MAGIC) - MAGIC).copysign(y)
 }
 
 /// Partial sums in [`abs_sum_f64`]: enough independent f64 additions in flight to keep the
@@ -140,6 +142,8 @@ mod tests {
         let mut ys = vec![
             0.5f32, -0.5, 1.5, -1.5, 2.5, 126.5, 127.5, -127.5, -128.5, 1e9, -1e9,
         ];
+        // Negative values that round to zero must give -0.0, as the reference does.
+        ys.extend([-0.3f32, -0.0, -1e-30, -0.49999997]);
         ys.extend([
             0.0,
             -0.0,
@@ -158,7 +162,10 @@ mod tests {
         );
         for y in ys {
             let (a, b) = (round_clamp(y, -128.0, 127.0), reference(y));
-            assert!(a == b || (a.is_nan() && b.is_nan()), "{y}: {a} vs {b}");
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{y}: {a} vs {b}"
+            );
             assert_eq!(a as i8, b as i8, "{y}");
         }
         assert!(round_clamp(f32::NAN, -128.0, 127.0).is_nan());

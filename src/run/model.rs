@@ -108,6 +108,9 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 
 #[inline(always)]
 fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
+    // Over the common length, as the AVX2 build does (callers pass equal lengths).
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; DOT_LANES];
     let mut ca = a.chunks_exact(DOT_LANES);
     let mut cb = b.chunks_exact(DOT_LANES);

@@ -251,14 +251,31 @@ impl Checkpoint {
     /// SHA-256 of every shard file, in shard order, each read through one small mapped window
     /// at a time ([`sha256_file`]), so that hashing adds little to resident memory.
     ///
-    /// SHA-256 is sequential within a file, so shards are hashed in parallel with each other
-    /// (on rayon's global pool, beside the conversion's workers).
-    pub fn hash_shards(&self) -> Result<Vec<String>, SourceError> {
-        use rayon::prelude::*;
-        self.shards
-            .par_iter()
-            .with_max_len(1)
-            .map(|s| sha256_file(&s.path))
+    /// SHA-256 is sequential within a file, so up to `threads` shards are hashed at once, each
+    /// on its own scoped thread; with one thread (or one shard) they are hashed in turn.
+    pub fn hash_shards(&self, threads: usize) -> Result<Vec<String>, SourceError> {
+        let workers = threads.clamp(1, self.shards.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut results: Vec<Option<Result<String, SourceError>>> =
+            (0..self.shards.len()).map(|_| None).collect();
+        let slots = std::sync::Mutex::new(&mut results);
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(shard) = self.shards.get(i) else {
+                            break;
+                        };
+                        let digest = sha256_file(&shard.path);
+                        slots.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(digest);
+                    }
+                });
+            }
+        });
+        results
+            .into_iter()
+            .map(|r| r.expect("every shard index is taken by one worker"))
             .collect()
     }
 
