@@ -6,15 +6,23 @@
 
 use std::time::Instant;
 
+use anyhow::{Context, ensure};
+
 use bitnet_pack::format::BpkFile;
 use bitnet_pack::run::{KvCache, packed};
 
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// The value after `name`, or `default` when the flag is absent.
+fn arg(args: &[String], name: &str, default: usize) -> anyhow::Result<usize> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .with_context(|| format!("{name} needs a value"))?;
+            v.parse()
+                .with_context(|| format!("{name}: `{v}` is not a count"))
+        }
+    }
 }
 
 /// Best-of-5 memcpy rate (bytes copied per second) over a 1 GiB buffer, single-threaded.
@@ -32,22 +40,25 @@ fn memcpy_bandwidth() -> f64 {
     n as f64 / best
 }
 
-fn main() {
+fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = args
         .get(1)
-        .expect("usage: bench_run MODEL.bpk [--threads N] [--prefill N] [--decode N]");
-    let threads = arg(&args, "--threads", 0);
-    let (n_prefill, n_decode) = (arg(&args, "--prefill", 64), arg(&args, "--decode", 16));
+        .context("usage: bench_run MODEL.bpk [--threads N] [--prefill N] [--decode N]")?;
+    let threads = arg(&args, "--threads", 0)?;
+    let (n_prefill, n_decode) = (arg(&args, "--prefill", 64)?, arg(&args, "--decode", 16)?);
+    ensure!(
+        n_prefill >= 1 && n_decode >= 1,
+        "--prefill and --decode must be at least 1"
+    );
     if threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
-            .build_global()
-            .expect("first pool");
+            .build_global()?;
     }
-    let file = BpkFile::open(path.as_ref()).expect("readable .bpk");
+    let file = BpkFile::open(path.as_ref()).with_context(|| format!("could not open {path}"))?;
     let t = Instant::now();
-    let model = packed::load(&file).expect("loadable model");
+    let model = packed::load(&file).with_context(|| format!("could not load {path}"))?;
     let load_s = t.elapsed().as_secs_f64();
     let cfg = &model.config;
     // Bytes read from weights per decoded token: every ternary tensor, every norm, the head.
@@ -65,7 +76,9 @@ fn main() {
 
     let mut cache = KvCache::new(cfg);
     let t = Instant::now();
-    let out = model.forward(&tokens, &mut cache, false).expect("prefill");
+    let out = model
+        .forward(&tokens, &mut cache, false)
+        .context("prefill")?;
     let prefill_s = t.elapsed().as_secs_f64();
     let mut next = out.logits[out.logits.len() - cfg.vocab_size..]
         .iter()
@@ -75,7 +88,9 @@ fn main() {
     let mut times = Vec::new();
     for _ in 0..n_decode {
         let t = Instant::now();
-        let out = model.forward(&[next], &mut cache, false).expect("decode");
+        let out = model
+            .forward(&[next], &mut cache, false)
+            .context("decode")?;
         times.push(t.elapsed().as_secs_f64());
         next = out
             .logits
@@ -120,4 +135,5 @@ fn main() {
         floor * 1e3,
         median / floor
     );
+    Ok(())
 }
