@@ -61,6 +61,9 @@ pub struct ActivationScheme {
 pub enum ActivationRule {
     /// Per token: `s = (2^(bits-1) - 1) / max(max|x|, eps)`, `q = clamp(round(x * s), -2^(bits-1), 2^(bits-1) - 1)`.
     AbsmaxPerToken,
+    /// No activation quantization: projections take their f32 input as it is
+    /// (`y = (sum_k T[n,k] * x[k]) * scale`). Not the training forward of a BitNet b1.58 model.
+    None,
 }
 
 impl QuantScheme {

@@ -49,6 +49,24 @@ pub fn dot_scalar(layout: TernaryLayout, row: &[u8], q: &[i8], k: usize) -> i32 
     }
 }
 
+/// `sum_e trit[e] * x[e]` in f32 over one packed row of `x.len()` weights, added in order:
+/// the kernel of the `none` activation scheme (no activation quantization). Scalar: that scheme
+/// exists for comparison, not for speed.
+pub fn dot_trits_f32(layout: TernaryLayout, row: &[u8], x: &[f32]) -> f32 {
+    let trit = |e: usize| -> f32 {
+        match layout {
+            TernaryLayout::I2 => {
+                let (byte, shift) = i2::position(e);
+                f32::from(((row[byte] >> shift) & 3) as i8 - 1)
+            }
+            TernaryLayout::I8 => f32::from(row[e] as i8),
+        }
+    };
+    x.iter()
+        .enumerate()
+        .fold(0f32, |acc, (e, &v)| acc + trit(e) * v)
+}
+
 /// The dot-product kernel in use: AVX2 when the CPU has it, else the portable one.
 /// `q` must come from [`quantize_activation`] (so it never holds -128), padded to
 /// [`padded_len`], and `q_sum` must be its sum.
@@ -229,6 +247,26 @@ mod tests {
                     "{layout:?} k={k}"
                 );
                 assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{layout:?} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn float_activation_dot_equals_the_unpacked_sum() {
+        let mut rng = Lcg(7);
+        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+            for k in [1usize, 31, 128, 129, 300] {
+                let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+                let mut row = vec![0u8; layout.row_bytes(k)];
+                layout.pack_row(&trits, &mut row);
+                let x: Vec<f32> = (0..k)
+                    .map(|_| rng.next() as f32 / u32::MAX as f32 - 0.5)
+                    .collect();
+                let want = trits
+                    .iter()
+                    .zip(&x)
+                    .fold(0f32, |acc, (&t, &v)| acc + f32::from(t) * v);
+                assert_eq!(dot_trits_f32(layout, &row, &x).to_bits(), want.to_bits());
             }
         }
     }

@@ -9,7 +9,9 @@ pub mod source;
 
 use std::path::PathBuf;
 
-pub use model::{ForwardOutput, InputError, KvCache, Linear, Transformer};
+pub use model::{
+    AttentionState, ForwardOutput, InputError, KvCache, Linear, NoProbe, Probe, Site, Transformer,
+};
 pub use source::SourceMode;
 
 /// A model that cannot be loaded for running.

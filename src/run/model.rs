@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::model::{Activation, ModelConfig};
+use crate::model::{Activation, ModelConfig, Role};
 use crate::source::FloatDtype;
 use crate::source::dtype::decode_f32;
 
@@ -32,6 +32,16 @@ pub struct FloatMatrix<'a> {
 }
 
 impl FloatMatrix<'_> {
+    /// A view of the same matrix that borrows its bytes.
+    pub fn borrowed(&self) -> FloatMatrix<'_> {
+        FloatMatrix {
+            dtype: self.dtype,
+            bytes: Cow::Borrowed(&self.bytes),
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+
     /// Row `r` as f32.
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let size = self.dtype.size();
@@ -279,6 +289,22 @@ pub struct Block<L> {
     pub down: L,
 }
 
+impl<L> Block<L> {
+    /// The projection with `role`, if `role` is one of the seven.
+    pub fn projection(&self, role: Role) -> Option<&L> {
+        match role {
+            Role::QProj => Some(&self.q),
+            Role::KProj => Some(&self.k),
+            Role::VProj => Some(&self.v),
+            Role::OProj => Some(&self.o),
+            Role::GateProj => Some(&self.gate),
+            Role::UpProj => Some(&self.up),
+            Role::DownProj => Some(&self.down),
+            _ => None,
+        }
+    }
+}
+
 /// A whole model, generic over how projections are computed.
 pub struct Transformer<'a, L> {
     pub config: ModelConfig,
@@ -289,19 +315,101 @@ pub struct Transformer<'a, L> {
     pub lm_head: Option<FloatMatrix<'a>>,
 }
 
-/// Keys and values of past positions, per layer.
-pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+/// A projection of the model: its block and its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site {
+    pub layer: usize,
+    pub role: Role,
+}
+
+/// Watches a forward pass: sees the input and output of every projection as it runs, in
+/// execution order. Parity records one path with it and replays the inputs on the other.
+pub trait Probe {
+    fn projection(&mut self, site: Site, input: &[f32], output: &[f32]);
+}
+
+/// A probe that looks at nothing.
+pub struct NoProbe;
+
+impl Probe for NoProbe {
+    fn projection(&mut self, _: Site, _: &[f32], _: &[f32]) {}
+}
+
+/// The attention state of one block: the keys (after RoPE) and values of past positions, with
+/// the two operations attention needs of them.
+#[derive(Debug, Clone)]
+pub struct AttentionState {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    head_dim: usize,
+    kv_dim: usize,
+    len: usize,
+}
+
+impl AttentionState {
+    pub fn new(num_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionState {
+            k: Vec::new(),
+            v: Vec::new(),
+            head_dim,
+            kv_dim: num_kv_heads * head_dim,
+            len: 0,
+        }
+    }
+
     /// Number of positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `n` positions: `k` and `v` are `[n, kv_heads * head_dim]`.
+    pub fn append(&mut self, k: &[f32], v: &[f32], n: usize) {
+        debug_assert_eq!(k.len(), n * self.kv_dim);
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+        self.len += n;
+    }
+
+    fn range(&self, pos: usize, kv_head: usize) -> std::ops::Range<usize> {
+        let start = pos * self.kv_dim + kv_head * self.head_dim;
+        start..start + self.head_dim
+    }
+
+    /// `scores[p] = (q . k_p) * scale` for the first `visible` positions of `kv_head`.
+    pub fn scores(&self, q: &[f32], kv_head: usize, visible: usize, scale: f32) -> Vec<f32> {
+        (0..visible)
+            .map(|p| dot_f32(q, &self.k[self.range(p, kv_head)]) * scale)
+            .collect()
+    }
+
+    /// `out = sum_p weights[p] * v_p` over the positions of `kv_head` that `weights` covers.
+    pub fn weighted_sum(&self, weights: &[f32], kv_head: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        for (p, &w) in weights.iter().enumerate() {
+            for (o, v) in out.iter_mut().zip(&self.v[self.range(p, kv_head)]) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// The attention states of every block.
+pub struct KvCache {
+    pub layers: Vec<AttentionState>,
+    /// Number of positions stored (the same in every block).
     pub len: usize,
 }
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig) -> Self {
         KvCache {
-            k: vec![Vec::new(); cfg.num_layers],
-            v: vec![Vec::new(); cfg.num_layers],
+            layers: (0..cfg.num_layers)
+                .map(|_| AttentionState::new(cfg.num_kv_heads, cfg.head_dim))
+                .collect(),
             len: 0,
         }
     }
@@ -360,6 +468,14 @@ fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
     }
 }
 
+/// Runs one projection on `n` tokens and shows it to the probe.
+fn project<L: Linear>(lin: &L, site: Site, x: &[f32], n: usize, probe: &mut dyn Probe) -> Vec<f32> {
+    let mut y = vec![0f32; n * lin.out_dim()];
+    lin.forward(x, n, &mut y);
+    probe.projection(site, x, &y);
+    y
+}
+
 impl<L: Linear> Transformer<'_, L> {
     /// Runs `tokens` at the positions after those in `cache`, appending to the cache.
     pub fn forward(
@@ -368,107 +484,107 @@ impl<L: Linear> Transformer<'_, L> {
         cache: &mut KvCache,
         keep_hidden: bool,
     ) -> Result<ForwardOutput, InputError> {
-        let cfg = &self.config;
+        self.forward_probed(tokens, cache, keep_hidden, &mut NoProbe)
+    }
+
+    /// [`Transformer::forward`], showing every projection to `probe`.
+    pub fn forward_probed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        keep_hidden: bool,
+        probe: &mut dyn Probe,
+    ) -> Result<ForwardOutput, InputError> {
+        let mut x = self.embed(tokens, cache.len)?;
         let n = tokens.len();
-        if n == 0 {
-            return Err(InputError::Empty);
-        }
-        if cache.len + n > cfg.max_position_embeddings {
-            return Err(InputError::TooLong {
-                len: cache.len + n,
-                max: cfg.max_position_embeddings,
-            });
-        }
-        for (i, &t) in tokens.iter().enumerate() {
-            if t as usize >= cfg.vocab_size {
-                return Err(InputError::TokenOutOfRange {
-                    token: t,
-                    position: cache.len + i,
-                    vocab: cfg.vocab_size,
-                });
-            }
-        }
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let eps = cfg.rms_norm_eps as f32;
-        // HF: inv_freq = 1 / theta^(arange(0, d, 2) / d), in f32.
-        let inv_freq: Vec<f32> = (0..hd / 2)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
-            .collect();
-
-        let mut x = vec![0f32; n * h];
-        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
-            self.embed.row(*t as usize, row);
-        }
+        let inv_freq = self.rope_inv_freq();
         let mut hidden = Vec::new();
-        let mut normed = vec![0f32; n * h];
-        for (layer, b) in self.blocks.iter().enumerate() {
-            rms_norm(&x, &b.attn_norm, eps, &mut normed);
-            let attn = self.attention(layer, b, &normed, n, cache, &inv_freq);
-            let mut o = vec![0f32; n * h];
-            b.o.forward(&attn, n, &mut o);
-            x.iter_mut().zip(&o).for_each(|(a, d)| *a += d);
-
-            rms_norm(&x, &b.ffn_norm, eps, &mut normed);
-            let f = b.gate.out_dim();
-            let (mut g, mut u) = (vec![0f32; n * f], vec![0f32; n * f]);
-            b.gate.forward(&normed, n, &mut g);
-            b.up.forward(&normed, n, &mut u);
-            for (gv, uv) in g.iter_mut().zip(&u) {
-                let a = match cfg.hidden_act {
-                    Activation::Relu2 => {
-                        let r = gv.max(0.0);
-                        r * r
-                    }
-                    Activation::Silu => *gv / (1.0 + (-*gv).exp()),
-                };
-                *gv = a * uv;
-            }
-            if let Some(w) = &b.ffn_sub_norm {
-                let mut s = vec![0f32; n * f];
-                rms_norm(&g, w, eps, &mut s);
-                g = s;
-            }
-            let mut d = vec![0f32; n * h];
-            b.down.forward(&g, n, &mut d);
-            x.iter_mut().zip(&d).for_each(|(a, v)| *a += v);
+        for (layer, state) in cache.layers.iter_mut().enumerate() {
+            let attn = self.attention_update(layer, &x, n, state, &inv_freq, probe);
+            x.iter_mut().zip(&attn).for_each(|(a, d)| *a += d);
+            let ffn = self.ffn_update(layer, &x, n, probe);
+            x.iter_mut().zip(&ffn).for_each(|(a, d)| *a += d);
             if keep_hidden {
                 hidden.push(x.clone());
             }
         }
         cache.len += n;
-        rms_norm(&x, &self.final_norm, eps, &mut normed);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0f32; n * head.rows];
-        head.matmul_t(&normed, n, &mut logits);
-        Ok(ForwardOutput { logits, hidden })
+        Ok(ForwardOutput {
+            logits: self.head(&x, n),
+            hidden,
+        })
     }
 
-    /// Causal grouped-query attention for `n` new tokens; returns `[n, heads * head_dim]`,
-    /// after the attention sub-norm if the family has one.
-    fn attention(
+    /// Checks `tokens` for positions `start..` and returns their embeddings, `[n, hidden]`.
+    pub fn embed(&self, tokens: &[u32], start: usize) -> Result<Vec<f32>, InputError> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(InputError::Empty);
+        }
+        if start + n > cfg.max_position_embeddings {
+            return Err(InputError::TooLong {
+                len: start + n,
+                max: cfg.max_position_embeddings,
+            });
+        }
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= cfg.vocab_size)
+        {
+            return Err(InputError::TokenOutOfRange {
+                token: t,
+                position: start + i,
+                vocab: cfg.vocab_size,
+            });
+        }
+        let h = cfg.hidden_size;
+        let mut x = vec![0f32; n * h];
+        for (t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
+            self.embed.row(*t as usize, row);
+        }
+        Ok(x)
+    }
+
+    /// RoPE inverse frequencies, as HF computes them in f32: `1 / theta^(arange(0, d, 2) / d)`.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let (hd, theta) = (self.config.head_dim, self.config.rope_theta as f32);
+        (0..hd / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
+            .collect()
+    }
+
+    /// The attention half of block `layer` for `n` new tokens of the residual stream `x`
+    /// (`[n, hidden]`), at the positions after those in `state`: returns what it adds to the
+    /// residual stream (`o_proj`'s output), and appends the new keys and values to `state`.
+    pub fn attention_update(
         &self,
         layer: usize,
-        b: &Block<L>,
         x: &[f32],
         n: usize,
-        cache: &mut KvCache,
+        state: &mut AttentionState,
         inv_freq: &[f32],
+        probe: &mut dyn Probe,
     ) -> Vec<f32> {
         let cfg = &self.config;
+        let b = &self.blocks[layer];
+        let eps = cfg.rms_norm_eps as f32;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (qd, kvd) = (nh * hd, nkv * hd);
-        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
-        b.q.forward(x, n, &mut q);
-        b.k.forward(x, n, &mut k);
-        b.v.forward(x, n, &mut v);
-        let start = cache.len;
+        let site = |role| Site { layer, role };
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(x, &b.attn_norm, eps, &mut normed);
+        let mut q = project(&b.q, site(Role::QProj), &normed, n, probe);
+        let mut k = project(&b.k, site(Role::KProj), &normed, n, probe);
+        let v = project(&b.v, site(Role::VProj), &normed, n, probe);
+        let start = state.len();
         for t in 0..n {
             rope(&mut q[t * qd..(t + 1) * qd], hd, start + t, inv_freq);
             rope(&mut k[t * kvd..(t + 1) * kvd], hd, start + t, inv_freq);
         }
-        cache.k[layer].extend_from_slice(&k);
-        cache.v[layer].extend_from_slice(&v);
-        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        state.append(&k, &v, n);
+        let state = &*state;
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
         let mut out = vec![0f32; n * qd];
@@ -476,33 +592,68 @@ impl<L: Linear> Transformer<'_, L> {
             let (t, head) = (i / nh, i % nh);
             let kvh = head / group;
             let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-            let visible = start + t + 1;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|p| dot_f32(qv, &kc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd]) * scale)
-                .collect();
+            let mut scores = state.scores(qv, kvh, start + t + 1, scale);
             let m = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
             let mut sum = 0f32;
             for s in scores.iter_mut() {
                 *s = (*s - m).exp();
                 sum += *s;
             }
-            o.fill(0.0);
-            for (p, s) in scores.iter().enumerate() {
-                let w = s / sum;
-                for (oo, vv) in o
-                    .iter_mut()
-                    .zip(&vc[p * kvd + kvh * hd..p * kvd + (kvh + 1) * hd])
-                {
-                    *oo += w * vv;
-                }
+            for s in scores.iter_mut() {
+                *s /= sum;
             }
+            state.weighted_sum(&scores, kvh, o);
         });
         if let Some(w) = &b.attn_sub_norm {
             let mut s = vec![0f32; n * qd];
-            rms_norm(&out, w, cfg.rms_norm_eps as f32, &mut s);
-            return s;
+            rms_norm(&out, w, eps, &mut s);
+            out = s;
         }
-        out
+        project(&b.o, site(Role::OProj), &out, n, probe)
+    }
+
+    /// The feed-forward half of block `layer` for the residual stream `x` (`[n, hidden]`):
+    /// returns what it adds to the residual stream (`down_proj`'s output).
+    pub fn ffn_update(&self, layer: usize, x: &[f32], n: usize, probe: &mut dyn Probe) -> Vec<f32> {
+        let cfg = &self.config;
+        let b = &self.blocks[layer];
+        let eps = cfg.rms_norm_eps as f32;
+        let site = |role| Site { layer, role };
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(x, &b.ffn_norm, eps, &mut normed);
+        let mut g = project(&b.gate, site(Role::GateProj), &normed, n, probe);
+        let u = project(&b.up, site(Role::UpProj), &normed, n, probe);
+        for (gv, uv) in g.iter_mut().zip(&u) {
+            let a = match cfg.hidden_act {
+                Activation::Relu2 => {
+                    let r = gv.max(0.0);
+                    r * r
+                }
+                Activation::Silu => *gv / (1.0 + (-*gv).exp()),
+            };
+            *gv = a * uv;
+        }
+        if let Some(w) = &b.ffn_sub_norm {
+            let mut s = vec![0f32; g.len()];
+            rms_norm(&g, w, eps, &mut s);
+            g = s;
+        }
+        project(&b.down, site(Role::DownProj), &g, n, probe)
+    }
+
+    /// The final norm and the head on the residual stream `x` (`[n, hidden]`): `[n, vocab]`.
+    pub fn head(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(
+            x,
+            &self.final_norm,
+            self.config.rms_norm_eps as f32,
+            &mut normed,
+        );
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; n * head.rows];
+        head.matmul_t(&normed, n, &mut logits);
+        logits
     }
 }
 

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 use super::RunError;
-use super::kernels::{dot, padded_len, quantize_activation};
+use super::kernels::{dot, dot_trits_f32, padded_len, quantize_activation};
 use super::model::{Block, FloatMatrix, Linear, Transformer};
 use crate::format::header::{ActivationRule, WeightRule};
 use crate::format::{BpkFile, TensorEntry, validate_bytes};
@@ -20,6 +20,9 @@ pub struct TernaryLinear<'a> {
     pub row_bytes: usize,
     pub data: &'a [u8],
     pub scale: f32,
+    /// Whether inputs are quantized to int8 per token (the BitNet b1.58 scheme) or taken as
+    /// they are (the `none` scheme).
+    pub quantize_input: bool,
 }
 
 impl TernaryLinear<'_> {
@@ -40,6 +43,17 @@ impl Linear for TernaryLinear<'_> {
     }
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (k, rows) = (self.k, self.rows);
+        if !self.quantize_input {
+            y.par_chunks_mut(rows)
+                .zip(x.par_chunks(k))
+                .for_each(|(yt, xt)| {
+                    for (r, o) in yt.iter_mut().enumerate() {
+                        let row = &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
+                        *o = dot_trits_f32(self.layout, row, xt) * self.scale;
+                    }
+                });
+            return;
+        }
         let padded = padded_len(self.layout, k);
         let mut q = vec![0i8; n * padded];
         let mut factors = Vec::with_capacity(n);
@@ -76,11 +90,11 @@ impl Linear for TernaryLinear<'_> {
 pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunError> {
     let q = &file.header.quantization;
     let act = &q.activations;
-    if act.rule != ActivationRule::AbsmaxPerToken || act.bits != 8 || !q.online_rotations.is_empty()
-    {
+    let quantize_input = act.rule == ActivationRule::AbsmaxPerToken;
+    if (quantize_input && act.bits != 8) || !q.online_rotations.is_empty() {
         return Err(RunError::UnsupportedScheme {
             reason: format!(
-                "activations {:?} int{} with {} online rotation site(s); this runner executes per-token absmax int8 without rotations",
+                "activations {:?} int{} with {} online rotation site(s); this runner executes per-token absmax int8 (or unquantized) activations without rotations",
                 act.rule,
                 act.bits,
                 q.online_rotations.len()
@@ -139,6 +153,7 @@ pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunErr
             scale: e
                 .scale_f32()
                 .expect("validated: ternary tensors have an f32 scale"),
+            quantize_input,
         })
     };
     let mut blocks = Vec::with_capacity(cfg.num_layers);

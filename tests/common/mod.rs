@@ -2,6 +2,8 @@
 //! safetensors rewriter used to build damaged checkpoints.
 #![allow(dead_code)]
 
+pub mod defects;
+
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
