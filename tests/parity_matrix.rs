@@ -371,6 +371,7 @@ fn the_parity_command_fails_a_broken_file_and_says_where() {
     ]);
     assert_eq!(code(&o), 1, "{}", stdout(&o));
     let text = stdout(&o);
+    println!("{} ({}):\n{text}", injected.site, Defect::ScaleOff.name());
     assert!(text.contains("verdict: FAIL"), "{text}");
     assert!(
         text.contains(&format!("first failing block: {layer}")) && text.contains(role.as_str()),

@@ -66,6 +66,13 @@ fn packed_and_qat_paths_match_transformers_and_fp_does_not() {
                 .forward(&qat.tokens, &mut KvCache::new(&ckpt.config), false)
                 .unwrap();
             let s = compare_logits(&qat.logits, &out.logits, vocab, 10.0);
+            println!(
+                "{name} {layout}: packed vs qat golden rel L2 {:.1e}, top-1 {}/{}, KL {:.1e}",
+                s.stats.rel_l2,
+                (s.top1_agreement * qat.tokens.len() as f64).round(),
+                qat.tokens.len(),
+                s.kl
+            );
             assert!(
                 s.within(&GOLDEN_LOGITS),
                 "{name} {layout} packed vs transformers: {s:?}"
@@ -78,11 +85,19 @@ fn packed_and_qat_paths_match_transformers_and_fp_does_not() {
                 .logits
         };
         let s = compare_logits(&qat.logits, &run(SourceMode::Qat, &qat.tokens), vocab, 10.0);
+        println!(
+            "{name}: qat source vs qat golden rel L2 {:.1e}",
+            s.stats.rel_l2
+        );
         assert!(
             s.within(&GOLDEN_LOGITS),
             "{name} source qat vs transformers: {s:?}"
         );
         let s = compare_logits(&fp.logits, &run(SourceMode::Fp, &fp.tokens), vocab, 10.0);
+        println!(
+            "{name}: fp source vs fp golden rel L2 {:.1e}",
+            s.stats.rel_l2
+        );
         assert!(
             s.within(&GOLDEN_LOGITS),
             "{name} source fp vs transformers fp: {s:?}"
