@@ -11,6 +11,7 @@ pub mod compare;
 pub mod convert;
 pub mod export;
 pub mod format;
+pub mod fsio;
 pub mod model;
 pub mod pack;
 pub mod quant;

@@ -56,7 +56,10 @@ fn set_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn missing_config() {
     let d = copy_fixture("tiny-llama-fp");
     std::fs::remove_file(d.path().join("config.json")).unwrap();
-    assert!(matches!(open(d.path()), SourceError::Io { .. }));
+    assert!(matches!(
+        open(d.path()),
+        SourceError::File(bitnet_pack::fsio::FileError::Io { .. })
+    ));
     cli_fails(d.path(), &["config.json"]);
 }
 
@@ -71,7 +74,7 @@ fn malformed_config() {
     assert!(matches!(
         open(d.path()),
         SourceError::Config {
-            source: ConfigError::Json(_),
+            error: ConfigError::Json(_),
             ..
         }
     ));
@@ -87,7 +90,7 @@ fn unknown_architecture() {
     assert!(matches!(
         open(d.path()),
         SourceError::Config {
-            source: ConfigError::UnknownArchitecture { .. },
+            error: ConfigError::UnknownArchitecture { .. },
             ..
         }
     ));
@@ -103,7 +106,7 @@ fn missing_config_key() {
     assert!(matches!(
         open(d.path()),
         SourceError::Config {
-            source: ConfigError::Missing {
+            error: ConfigError::Missing {
                 key: "num_attention_heads"
             },
             ..
@@ -403,10 +406,7 @@ fn unwritable_output() {
     std::fs::write(&blocker, b"x").unwrap();
     let target = blocker.join("out.bpk");
     match convert(&fixture("tiny-llama-fp"), &target, &options(), &|_| {}) {
-        Err(ConvertError::Write {
-            source: bitnet_pack::format::WriteError::Create { .. },
-            ..
-        }) => {}
+        Err(ConvertError::File(bitnet_pack::fsio::FileError::NoDirectory { .. })) => {}
         other => panic!("{other:?}"),
     }
     let o = bin(&[
@@ -416,7 +416,11 @@ fn unwritable_output() {
         target.to_str().unwrap(),
     ]);
     assert_eq!(code(&o), 2);
-    assert!(stderr(&o).contains("cannot create"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("is not a directory; create it first"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

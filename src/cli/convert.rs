@@ -12,7 +12,7 @@ use super::parity::DEFAULT_RANDOM_TOKENS;
 use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, with_threads};
 use crate::compare::parity::{parity, random_tokens};
 use crate::convert::{ConvertError, ConvertOptions, convert_verified};
-use crate::format::BpkFile;
+use crate::format::{BpkFile, Storage};
 use crate::pack::TernaryLayout;
 use crate::run::SourceMode;
 use crate::source::Checkpoint;
@@ -51,6 +51,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = total {
         bar.set_length(t);
     }
+    for p in crate::fsio::remove_stale_temps(&a.output) {
+        eprintln!("removed {}, left by an interrupted conversion", p.display());
+    }
     let start = Instant::now();
     // Filled by a passing verification, for the summary line.
     let verified = std::sync::Mutex::new(None);
@@ -58,7 +61,10 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         if !a.verify {
             return Ok(());
         }
-        let file = BpkFile::open(tmp).map_err(|e| e.to_string())?;
+        // Named by its target in messages: the temporary path is gone once this fails.
+        let file = Storage::map(tmp)
+            .and_then(|storage| BpkFile::from_storage(&a.output, storage))
+            .map_err(|e| e.to_string())?;
         let tokens = random_tokens(DEFAULT_RANDOM_TOKENS, ckpt.config.vocab_size, 0);
         let report =
             parity(ckpt, &file, &tokens, SourceMode::Qat, true).map_err(|e| e.to_string())?;
@@ -85,6 +91,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_CHECK_FAILED));
     }
     let summary = result.with_context(|| format!("could not convert {}", a.src.display()))?;
+    for note in &summary.notes {
+        eprintln!("note: {note}");
+    }
     if !a.quiet {
         let h = &summary.header;
         let ternary: Vec<_> = h

@@ -22,6 +22,15 @@ pub const EXIT_CHECK_FAILED: u8 = 1;
 /// Exit code for errors: usage, bad input, I/O.
 pub const EXIT_ERROR: u8 = 2;
 
+/// Most worker threads `--threads` may ask for: far beyond any useful count, low enough that
+/// spawning them is instant and cannot exhaust the system's thread limit.
+pub const MAX_THREADS: usize = 256;
+/// Most tokens any count argument may ask for (`--random-tokens`, `--max-new-tokens`), before
+/// the model's own `max_position_embeddings` limits it further.
+pub const MAX_TOKENS: usize = 1 << 20;
+/// Largest tokenizer.json read (real ones are 2 to 35 MB).
+pub const MAX_TOKENIZER_FILE: u64 = 64 << 20;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bitnet-pack",
@@ -229,6 +238,9 @@ fn with_threads<T: Send>(
     match threads {
         None => Ok(f()),
         Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) if n > MAX_THREADS => {
+            anyhow::bail!("--threads {n} is above the limit of {MAX_THREADS}")
+        }
         Some(n) => Ok(rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()?
@@ -236,8 +248,51 @@ fn with_threads<T: Send>(
     }
 }
 
-/// Writes to stdout; a closed pipe (`| head`) is not an error.
+/// Checks a token count argument against [`MAX_TOKENS`] and the model's position limit, before
+/// anything of that size is allocated.
+fn check_token_count(flag: &str, n: usize, max_positions: usize) -> anyhow::Result<()> {
+    if n > MAX_TOKENS {
+        anyhow::bail!("{flag} {n} is above the limit of {MAX_TOKENS}");
+    }
+    if n > max_positions {
+        anyhow::bail!(
+            "{flag} {n} is more than the model's max_position_embeddings ({max_positions})"
+        );
+    }
+    Ok(())
+}
+
+/// Loads a tokenizer.json (a regular file of at most [`MAX_TOKENIZER_FILE`] bytes).
+fn load_tokenizer(path: &std::path::Path) -> anyhow::Result<tokenizers::Tokenizer> {
+    let bytes = crate::fsio::read_capped(path, MAX_TOKENIZER_FILE, "tokenizer.json")?;
+    tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))
+}
+
+/// `text` with every control character other than newline and tab written as a `\u{..}`
+/// escape: header strings of a hostile file (tensor names, the architecture) must not reach a
+/// terminal as escape sequences.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Writes to stdout, control characters escaped; a closed pipe (`| head`) is not an error.
 fn print(text: &str) -> anyhow::Result<()> {
+    let text = escape_controls(text);
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),

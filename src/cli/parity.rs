@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-use super::{EXIT_CHECK_FAILED, ModeArg, ParityArgs, print, with_threads};
+use super::{
+    EXIT_CHECK_FAILED, ModeArg, ParityArgs, check_token_count, load_tokenizer, print, with_threads,
+};
 use crate::compare::parity::{ParityReport, parity, random_tokens};
 use crate::format::BpkFile;
 use crate::run::SourceMode;
@@ -21,25 +23,26 @@ pub fn run(a: ParityArgs) -> anyhow::Result<ExitCode> {
 fn execute(a: &ParityArgs) -> anyhow::Result<ExitCode> {
     let ckpt = Checkpoint::open(&a.source)
         .with_context(|| format!("could not open {}", a.source.display()))?;
+    for note in &ckpt.notes {
+        eprintln!("note: {note}");
+    }
     let file = BpkFile::open(&a.packed)
         .with_context(|| format!("could not read {}", a.packed.display()))?;
     let tokens = match (&a.tokens, &a.text, a.random_tokens) {
         (Some(t), None, None) => t.clone(),
         (None, Some(text), None) => {
             let path = ckpt.dir.join("tokenizer.json");
-            let tok = tokenizers::Tokenizer::from_file(&path)
-                .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("--text needs {}", path.display()))?;
+            let tok = load_tokenizer(&path).context("--text needs the source's tokenizer")?;
             tok.encode(text.as_str(), true)
                 .map_err(|e| anyhow::anyhow!("could not tokenize: {e}"))?
                 .get_ids()
                 .to_vec()
         }
-        (None, None, n) => random_tokens(
-            n.unwrap_or(DEFAULT_RANDOM_TOKENS),
-            ckpt.config.vocab_size,
-            a.seed,
-        ),
+        (None, None, n) => {
+            let n = n.unwrap_or(DEFAULT_RANDOM_TOKENS);
+            check_token_count("--random-tokens", n, ckpt.config.max_position_embeddings)?;
+            random_tokens(n, ckpt.config.vocab_size, a.seed)
+        }
         _ => bail!("give at most one of --tokens, --text, --random-tokens"),
     };
     let against = match a.against {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-use super::{ModeArg, RunArgs, print, with_threads};
+use super::{MAX_TOKENS, ModeArg, RunArgs, load_tokenizer, print, with_threads};
 use crate::format::BpkFile;
 use crate::run::{KvCache, Linear, Transformer, packed, source};
 use crate::source::Checkpoint;
@@ -23,9 +23,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn dispatch(a: &RunArgs) -> anyhow::Result<ExitCode> {
-    if a.model.is_dir() {
+    if !is_bpk(&a.model)? {
         let ckpt = Checkpoint::open(&a.model)
             .with_context(|| format!("could not open {}", a.model.display()))?;
+        for note in &ckpt.notes {
+            eprintln!("note: {note}");
+        }
         let mode = match a.mode.unwrap_or(ModeArg::Qat) {
             ModeArg::Qat => source::SourceMode::Qat,
             ModeArg::Fp => source::SourceMode::Fp,
@@ -46,6 +49,20 @@ fn dispatch(a: &RunArgs) -> anyhow::Result<ExitCode> {
         let dir = a.model.parent().unwrap_or(Path::new(".")).to_path_buf();
         execute(a, &model, &dir)
     }
+}
+
+/// Whether `path` names a .bpk file (by its magic or its extension), rather than a source
+/// checkpoint (a directory, a .safetensors file or a shard index).
+fn is_bpk(path: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    if std::fs::metadata(path).map(|m| m.is_dir()).unwrap_or(false) {
+        return Ok(false);
+    }
+    let mut magic = [0u8; 8];
+    let mut f = crate::fsio::open_regular(path)?;
+    let n = f.read(&mut magic).unwrap_or(0);
+    let named_bpk = path.extension().is_some_and(|e| e == "bpk");
+    Ok(named_bpk || (n == magic.len() && magic == crate::format::MAGIC))
 }
 
 fn execute<L: Linear>(
@@ -72,8 +89,15 @@ fn run_tokens<L: Linear>(
             tokens,
             logits: out.logits.chunks_exact(vocab).collect(),
         };
-        std::fs::write(path, serde_json::to_vec(&doc)?)
-            .with_context(|| format!("could not write {}", path.display()))?;
+        let bytes = serde_json::to_vec(&doc)?;
+        if path.as_os_str() == "-" {
+            print(&String::from_utf8_lossy(&bytes))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Replaced if it exists (it is an output), but never a non-file or the model itself.
+        crate::fsio::check_output(path, true, std::slice::from_ref(&a.model))
+            .and_then(|()| crate::fsio::write_atomic(path, true, &bytes))
+            .context("could not write the logits")?;
     }
     let mut text = String::from("position  token  next (argmax)  logit\n");
     for (p, (t, row)) in tokens
@@ -105,14 +129,14 @@ fn generate<L: Linear>(
     prompt: &str,
 ) -> anyhow::Result<ExitCode> {
     let path = tokenizer_path(a, dir);
-    let tok = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| {
-            format!(
-                "could not load the tokenizer {} (pass --tokenizer PATH)",
-                path.display()
-            )
-        })?;
+    if a.max_new_tokens > MAX_TOKENS {
+        bail!(
+            "--max-new-tokens {} is above the limit of {MAX_TOKENS}",
+            a.max_new_tokens
+        );
+    }
+    let tok =
+        load_tokenizer(&path).context("could not load the tokenizer (pass --tokenizer PATH)")?;
     let enc = tok
         .encode(prompt, true)
         .map_err(|e| anyhow::anyhow!("could not tokenize the prompt: {e}"))?;

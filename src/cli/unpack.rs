@@ -12,6 +12,11 @@ use crate::source::FloatDtype;
 pub fn run(a: UnpackArgs) -> anyhow::Result<ExitCode> {
     let file =
         BpkFile::open(&a.file).with_context(|| format!("could not read {}", a.file.display()))?;
+    crate::fsio::check_output(&a.output, a.force, std::slice::from_ref(&a.file))
+        .with_context(|| format!("could not unpack {}", a.file.display()))?;
+    for p in crate::fsio::remove_stale_temps(&a.output) {
+        eprintln!("removed {}, left by an interrupted run", p.display());
+    }
     let dtype = match a.dtype {
         UnpackDtype::F32 => FloatDtype::F32,
         UnpackDtype::Bf16 => FloatDtype::Bf16,

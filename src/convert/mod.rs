@@ -19,16 +19,16 @@ use crate::format::{
     BpkWriter, Compression, Encoding, Header, Provenance, QuantScheme, SourceFile, TensorPlan,
     WriteError,
 };
+use crate::fsio::FileError;
 use crate::pack::TernaryLayout;
 use crate::quant::AbsmeanScale;
 use crate::quant::rows::{row_abs_sum, row_ternarize};
-use crate::source::dtype::{decode_f32, encode_f32};
+use crate::source::dtype::{decode_f32, encode_f32, first_non_finite};
 use crate::source::{CONFIG_FILE, Checkpoint, FloatDtype, SourceError, SourceTensor, sha256_file};
 
 /// zstd level for `--compress`: fast, and the output is identical on every run.
 pub const ZSTD_LEVEL: i32 = 3;
-/// Elements per chunk when streaming non-ternary tensors.
-const STREAM_CHUNK: usize = 1 << 20;
+use crate::source::dtype::STREAM_CHUNK;
 
 /// What to produce.
 #[derive(Debug, Clone)]
@@ -47,8 +47,10 @@ pub struct ConvertOptions {
 pub enum ConvertError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("{path}: {source}")]
-    Write { path: PathBuf, source: WriteError },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path}: {error}")]
+    Write { path: PathBuf, error: WriteError },
     #[error("{path}: verification failed, nothing was written: {reason}")]
     VerifyFailed { path: PathBuf, reason: String },
     #[error(
@@ -60,6 +62,27 @@ pub enum ConvertError {
         index: Vec<usize>,
         value: f32,
     },
+    #[error(
+        "{path}: tensor `{tensor}` has the value {value} at index {index:?}, beyond the range of {dtype}; keep it as bf16, f32 or as in the source (--keep)"
+    )]
+    Overflow {
+        path: PathBuf,
+        tensor: String,
+        index: Vec<usize>,
+        value: f32,
+        dtype: &'static str,
+    },
+}
+
+/// A writer error as a conversion error: file errors name their path already.
+fn write_error(out: &Path, error: WriteError) -> ConvertError {
+    match error {
+        WriteError::File(e) => ConvertError::File(e),
+        error => ConvertError::Write {
+            path: out.to_path_buf(),
+            error,
+        },
+    }
 }
 
 /// What a conversion produced.
@@ -69,6 +92,8 @@ pub struct ConvertSummary {
     pub file_len: u64,
     /// Bytes of source tensor data read.
     pub source_tensor_bytes: u64,
+    /// How the source path was read, when that is worth saying ([`Checkpoint::notes`]).
+    pub notes: Vec<String>,
 }
 
 /// Converts the checkpoint at `src` into a .bpk file at `out`. `progress` is called with the
@@ -95,10 +120,9 @@ pub fn convert_verified(
     verify: &Verifier<'_>,
 ) -> Result<ConvertSummary, ConvertError> {
     let ckpt = Checkpoint::open(src)?;
-    let write_err = |source| ConvertError::Write {
-        path: out.to_path_buf(),
-        source,
-    };
+    // Before any work: the target must be writable and must not be one of the inputs.
+    crate::fsio::check_output(out, opts.force, &ckpt.input_files())?;
+    let write_err = |error| write_error(out, error);
 
     let plans: Vec<TensorPlan> = ckpt.tensors.iter().map(|t| plan(t, opts)).collect();
     let config_sha = sha256_file(&ckpt.dir.join(CONFIG_FILE))?;
@@ -160,6 +184,7 @@ pub fn convert_verified(
         header,
         file_len,
         source_tensor_bytes: ckpt.tensor_bytes(),
+        notes: ckpt.notes.clone(),
     })
 }
 
@@ -206,10 +231,7 @@ fn write_tensors(
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), ConvertError> {
-    let out_path = |source: WriteError| ConvertError::Write {
-        path: out.to_path_buf(),
-        source,
-    };
+    let out_path = |error: WriteError| write_error(out, error);
     for t in &ckpt.tensors {
         let bytes = ckpt.bytes(t);
         let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
@@ -230,6 +252,15 @@ fn write_tensors(
                 return Err(non_finite(i, v));
             }
             let target = opts.keep.unwrap_or(t.dtype);
+            if let Some((i, v)) = first_overflow(t.dtype, target, bytes) {
+                return Err(ConvertError::Overflow {
+                    path: ckpt.shards[t.shard].path.clone(),
+                    tensor: t.spec.name.clone(),
+                    index: unravel(i, &t.spec.shape),
+                    value: v,
+                    dtype: target.as_str(),
+                });
+            }
             let compress = opts.compress;
             writer
                 .write_tensor(None, |sink| {
@@ -292,21 +323,34 @@ pub fn ternarize(
     Ok((scale, packed))
 }
 
-/// The flat index and value of the first NaN or infinity, scanning chunks in parallel.
-fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
-    let chunk = STREAM_CHUNK * dtype.size();
+/// The flat index and value of the first element that is finite in `source` but not in
+/// `target` (beyond its range: f16 ends at 65504).
+fn first_overflow(source: FloatDtype, target: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
+    if source == target || target == FloatDtype::F32 {
+        return None;
+    }
+    let chunk = STREAM_CHUNK * source.size();
     bytes
         .par_chunks(chunk)
         .enumerate()
         .map_init(
-            || vec![0f32; STREAM_CHUNK],
-            |buf, (c, src)| {
-                let n = src.len() / dtype.size();
-                decode_f32(dtype, src, &mut buf[..n]);
-                buf[..n]
+            || {
+                (
+                    vec![0f32; STREAM_CHUNK],
+                    Vec::new(),
+                    vec![0f32; STREAM_CHUNK],
+                )
+            },
+            |(vals, enc, back), (c, src)| {
+                let n = src.len() / source.size();
+                decode_f32(source, src, &mut vals[..n]);
+                enc.clear();
+                encode_f32(target, &vals[..n], enc);
+                decode_f32(target, enc, &mut back[..n]);
+                back[..n]
                     .iter()
                     .position(|v| !v.is_finite())
-                    .map(|i| (c * STREAM_CHUNK + i, buf[i]))
+                    .map(|i| (c * STREAM_CHUNK + i, vals[i]))
             },
         )
         .find_first(Option::is_some)

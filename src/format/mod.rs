@@ -16,7 +16,10 @@ pub mod writer;
 
 pub use header::{Compression, Encoding, Header, Provenance, QuantScheme, SourceFile, TensorEntry};
 pub use reader::{BpkFile, FormatError, Storage};
-pub use validate::{Finding, ValidationReport, validate_bytes, validate_file};
+pub use validate::{
+    Finding, ValidationReport, ValidationSummary, validate_bytes, validate_bytes_into,
+    validate_file, validate_file_into,
+};
 pub use writer::{BpkWriter, Finished, TensorPlan, WriteError};
 
 /// File magic (§2). PNG-style: a high-bit byte and CR LF / SUB / LF catch 7-bit and text-mode

@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -16,16 +15,14 @@ use super::{
     ALIGNMENT, FormatVersion, HEADER_PAD, MAX_HEADER_LEN, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS,
     PREAMBLE_LEN, Preamble, data_offset_for,
 };
+use crate::fsio::FileError;
 use crate::pack::CodeError;
 
 /// Something wrong with a .bpk file. Offsets are absolute byte offsets in the file.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(
         "the file is {len} bytes long, shorter than the {PREAMBLE_LEN}-byte preamble; it is truncated or not a .bpk file"
     )]
@@ -133,11 +130,11 @@ pub enum FormatError {
     BadDigest { name: String, value: String },
     #[error("tensor `{name}`: data checksum mismatch in bytes {start}..{end}")]
     DataChecksum { name: String, start: u64, end: u64 },
-    #[error("tensor `{name}`: row {row}: {source}")]
+    #[error("tensor `{name}`: row {row}: {error}")]
     BadCode {
         name: String,
         row: u64,
-        source: CodeError,
+        error: CodeError,
     },
     #[error(
         "tensor `{name}`: zstd data does not decompress to the {expected} bytes the shape needs: {reason}"
@@ -169,6 +166,16 @@ pub enum FormatError {
         expected: &'static str,
         found: &'static str,
     },
+    #[error(
+        "tensor `{name}`: block {} but the model config implies {}",
+        found.map_or("none".to_string(), |l| l.to_string()),
+        expected.map_or("none".to_string(), |l| l.to_string())
+    )]
+    LayerVsConfig {
+        name: String,
+        expected: Option<u64>,
+        found: Option<u64>,
+    },
 }
 
 /// The bytes of a file: memory-mapped from disk, or owned (tests, fuzzing).
@@ -190,11 +197,13 @@ impl std::ops::Deref for Storage {
 impl Storage {
     /// Maps a file read-only.
     pub fn map(path: &Path) -> Result<Self, FormatError> {
-        let io = |source| FormatError::Io {
-            path: path.to_path_buf(),
-            source,
+        let io = |error| {
+            FormatError::File(FileError::Io {
+                path: path.to_path_buf(),
+                error,
+            })
         };
-        let file = File::open(path).map_err(io)?;
+        let file = crate::fsio::open_regular(path)?;
         let len = file.metadata().map_err(io)?.len();
         if len < PREAMBLE_LEN as u64 {
             return Err(FormatError::TooShort { len });
@@ -294,10 +303,10 @@ impl BpkFile {
             {
                 layout
                     .unpack_row(src, &mut trits)
-                    .map_err(|source| FormatError::BadCode {
+                    .map_err(|error| FormatError::BadCode {
                         name: e.name.clone(),
                         row: row as u64,
-                        source,
+                        error,
                     })?;
                 for (d, &t) in dst.iter_mut().zip(&trits) {
                     *d = scale * f32::from(t);
@@ -337,6 +346,18 @@ pub(crate) fn decompress_exact(
 /// cannot be located); the second value lists non-fatal problems found on the way (a checksum
 /// mismatch on a header that still parses, for example).
 pub(crate) fn parse_container(bytes: &[u8]) -> Result<(Container, Vec<FormatError>), FormatError> {
+    let mut problems = Vec::new();
+    let container = parse_container_into(bytes, &mut problems)?;
+    Ok((container, problems))
+}
+
+/// [`parse_container`], collecting the non-fatal problems in `problems` (so that a caller that
+/// reports everything keeps them when a fatal error follows, e.g. a checksum mismatch before a
+/// header that does not parse).
+pub(crate) fn parse_container_into(
+    bytes: &[u8],
+    problems: &mut Vec<FormatError>,
+) -> Result<Container, FormatError> {
     let file_len = bytes.len() as u64;
     let pre: &[u8; PREAMBLE_LEN] = bytes
         .get(..PREAMBLE_LEN)
@@ -361,7 +382,6 @@ pub(crate) fn parse_container(bytes: &[u8]) -> Result<(Container, Vec<FormatErro
             header_len,
             file_len,
         })?;
-    let mut problems = Vec::new();
     if Preamble::compute_sha256(&preamble.head_bytes(), header_bytes) != preamble.header_sha256 {
         problems.push(FormatError::HeaderChecksum);
     }
@@ -389,14 +409,11 @@ pub(crate) fn parse_container(bytes: &[u8]) -> Result<(Container, Vec<FormatErro
             count: header.tensors.len(),
         });
     }
-    Ok((
-        Container {
-            preamble,
-            version,
-            header,
-        },
-        problems,
-    ))
+    Ok(Container {
+        preamble,
+        version,
+        header,
+    })
 }
 
 /// Checks the layout the header describes against the file: lengths, padding, the tensor table.

@@ -12,7 +12,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::header::{Compression, Header, TensorEntry};
-use super::reader::{Container, FormatError, Storage, check_structure_per_entry, parse_container};
+use super::reader::{
+    Container, FormatError, Storage, check_structure_per_entry, parse_container_into,
+};
 use crate::model::expected_tensors;
 
 /// One problem, as data: a stable kind (the error variant), the tensor if any, and a message.
@@ -40,15 +42,25 @@ impl Finding {
     }
 }
 
-/// The outcome of validating a file.
-#[derive(Debug, Clone, Serialize)]
-pub struct ValidationReport {
+/// The outcome of validating a file, without the findings themselves (see
+/// [`validate_bytes_into`], which hands them over one at a time).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ValidationSummary {
     /// `major.minor` from the preamble, when it could be read.
     pub version: Option<String>,
     pub file_len: u64,
     pub tensors: usize,
     /// Bytes of tensor data whose checksum was verified.
     pub data_bytes_checked: u64,
+    /// Number of findings.
+    pub problems: usize,
+}
+
+/// The outcome of validating a file, with every finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationReport {
+    #[serde(flatten)]
+    pub summary: ValidationSummary,
     pub findings: Vec<Finding>,
 }
 
@@ -59,52 +71,71 @@ impl ValidationReport {
     }
 }
 
-/// Validates the file at `path`. `Err` only when the file cannot be read at all.
-pub fn validate_file(path: &Path) -> Result<ValidationReport, FormatError> {
+/// Validates the file at `path`, handing each finding to `sink` as it is found (so a report of
+/// a hostile table with a million bad entries needs no memory for them). `Err` only when the
+/// file cannot be read at all.
+pub fn validate_file_into(
+    path: &Path,
+    sink: &mut dyn FnMut(Finding),
+) -> Result<ValidationSummary, FormatError> {
     match Storage::map(path) {
-        Ok(storage) => Ok(validate_bytes(&storage)),
-        Err(e @ FormatError::TooShort { .. }) => Ok(report_fatal(
-            std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
-            e,
-        )),
+        Ok(storage) => Ok(validate_bytes_into(&storage, sink)),
+        Err(e @ FormatError::TooShort { .. }) => {
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            sink(Finding::from_error(&e, None));
+            Ok(ValidationSummary {
+                file_len: len,
+                problems: 1,
+                ..ValidationSummary::default()
+            })
+        }
         Err(e) => Err(e),
     }
 }
 
-fn report_fatal(file_len: u64, e: FormatError) -> ValidationReport {
-    ValidationReport {
-        version: None,
-        file_len,
-        tensors: 0,
-        data_bytes_checked: 0,
-        findings: vec![Finding::from_error(&e, None)],
-    }
+/// Validates the file at `path`, collecting every finding.
+pub fn validate_file(path: &Path) -> Result<ValidationReport, FormatError> {
+    let mut findings = Vec::new();
+    let summary = validate_file_into(path, &mut |f| findings.push(f))?;
+    Ok(ValidationReport { summary, findings })
 }
 
-/// Validates a whole file held in memory.
+/// Validates a whole file held in memory, collecting every finding.
 pub fn validate_bytes(bytes: &[u8]) -> ValidationReport {
-    let file_len = bytes.len() as u64;
-    let (container, problems) = match parse_container(bytes) {
-        Ok(v) => v,
-        Err(e) => return report_fatal(file_len, e),
+    let mut findings = Vec::new();
+    let summary = validate_bytes_into(bytes, &mut |f| findings.push(f));
+    ValidationReport { summary, findings }
+}
+
+/// Validates a whole file held in memory, handing each finding to `sink` in file order.
+pub fn validate_bytes_into(bytes: &[u8], sink: &mut dyn FnMut(Finding)) -> ValidationSummary {
+    let mut count = 0usize;
+    let mut emit = |e: &FormatError| {
+        count += 1;
+        sink(Finding::from_error(e, tensor_of(e)));
     };
-    let mut findings: Vec<Finding> = problems
-        .iter()
-        .map(|e| Finding::from_error(e, None))
-        .collect();
+    let file_len = bytes.len() as u64;
+    let mut problems = Vec::new();
+    let container = match parse_container_into(bytes, &mut problems) {
+        Ok(c) => c,
+        Err(fatal) => {
+            problems.iter().for_each(&mut emit);
+            emit(&fatal);
+            return ValidationSummary {
+                file_len,
+                problems: count,
+                ..ValidationSummary::default()
+            };
+        }
+    };
+    problems.iter().for_each(&mut emit);
     let (structural, sound) = check_structure_per_entry(&container, bytes);
-    findings.extend(
-        structural
+    structural.iter().for_each(&mut emit);
+    drop(structural);
+    if container.header.model.check_limits().is_ok() {
+        check_against_config(&container.header)
             .iter()
-            .map(|e| Finding::from_error(e, tensor_of(e))),
-    );
-    let config_ok = container.header.model.check_limits().is_ok();
-    if config_ok {
-        findings.extend(
-            check_against_config(&container.header)
-                .iter()
-                .map(|e| Finding::from_error(e, tensor_of(e))),
-        );
+            .for_each(&mut emit);
     }
     let data_offset = container.preamble.data_offset;
     let deep: Vec<(u64, Vec<FormatError>)> = container
@@ -118,17 +149,17 @@ pub fn validate_bytes(bytes: &[u8]) -> ValidationReport {
     let mut data_bytes_checked = 0;
     for (checked, errors) in deep {
         data_bytes_checked += checked;
-        findings.extend(errors.iter().map(|e| Finding::from_error(e, tensor_of(e))));
+        errors.iter().for_each(&mut emit);
     }
     let Container {
         preamble, header, ..
     } = container;
-    ValidationReport {
+    ValidationSummary {
         version: Some(format!("{}.{}", preamble.major, preamble.minor)),
         file_len,
         tensors: header.tensors.len(),
         data_bytes_checked,
-        findings,
+        problems: count,
     }
 }
 
@@ -157,7 +188,8 @@ fn tensor_of(e: &FormatError) -> Option<&str> {
         | MissingTensor { name }
         | UnexpectedTensor { name }
         | ShapeVsConfig { name, .. }
-        | RoleVsConfig { name, .. } => Some(name),
+        | RoleVsConfig { name, .. }
+        | LayerVsConfig { name, .. } => Some(name),
         _ => None,
     }
 }
@@ -187,6 +219,13 @@ pub(crate) fn check_against_config(header: &Header) -> Vec<FormatError> {
                 expected: spec.role.as_str(),
                 found: t.role.as_str(),
             }),
+            Some(t) if t.layer.map(|l| l as usize) != spec.layer => {
+                problems.push(FormatError::LayerVsConfig {
+                    name: spec.name.clone(),
+                    expected: spec.layer.map(|l| l as u64),
+                    found: t.layer.map(u64::from),
+                })
+            }
             Some(_) => {}
         }
     }
@@ -235,11 +274,11 @@ fn check_data(
         if well_formed && e.compression == Compression::None && stored.len() as u64 == raw_len {
             let k = e.shape[1] as usize;
             for (row, src) in stored.chunks_exact(layout.row_bytes(k)).enumerate() {
-                if let Err(source) = layout.check_row(src, k) {
+                if let Err(error) = layout.check_row(src, k) {
                     problems.push(FormatError::BadCode {
                         name: e.name.clone(),
                         row: row as u64,
-                        source,
+                        error,
                     });
                     break;
                 }

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -17,6 +17,7 @@ use super::{
     ALIGNMENT, HEADER_PAD, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, VERSION_MAJOR, VERSION_MINOR,
     align_up, data_offset_for,
 };
+use crate::fsio::{AtomicFile, FileError, check_output};
 use crate::model::{ModelConfig, Role};
 
 /// A tensor the writer will be given, in file order.
@@ -33,18 +34,22 @@ pub struct TensorPlan {
 /// Writing failed; the target is untouched.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("{path} already exists; pass --force to overwrite it")]
-    Exists { path: PathBuf },
-    #[error("cannot create a file in {dir}: {source}")]
-    Create { dir: PathBuf, source: io::Error },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("write failed: {0}")]
-    Io(#[from] io::Error),
-    #[error("cannot rename the finished file to {path}: {source}")]
-    Persist { path: PathBuf, source: io::Error },
+    Io(io::Error),
     #[error("the header would be {len} bytes, above the limit of {MAX_HEADER_LEN}")]
     HeaderTooLarge { len: u64 },
     #[error("internal error: tensor `{name}` {problem}")]
     Internal { name: String, problem: String },
+}
+
+// Not `#[from]`: the message includes the I/O error, so it must not also be its `source()`
+// (a chain printer would repeat it).
+impl From<io::Error> for WriteError {
+    fn from(e: io::Error) -> Self {
+        WriteError::Io(e)
+    }
 }
 
 /// Counts and hashes the bytes of one tensor as they are written.
@@ -68,9 +73,7 @@ impl Write for TensorSink<'_> {
 
 /// A .bpk file being written.
 pub struct BpkWriter {
-    target: PathBuf,
-    force: bool,
-    tmp: Option<tempfile::NamedTempFile>,
+    tmp: Option<AtomicFile>,
     out: BufWriter<File>,
     header: Header,
     plans: Vec<TensorPlan>,
@@ -113,34 +116,9 @@ impl BpkWriter {
         provenance: Provenance,
         plans: Vec<TensorPlan>,
     ) -> Result<Self, WriteError> {
-        if !force && target.exists() {
-            return Err(WriteError::Exists {
-                path: target.to_path_buf(),
-            });
-        }
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let file_name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{file_name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|source| WriteError::Create {
-                dir: dir.clone(),
-                source,
-            })?;
-        let file = tmp
-            .as_file()
-            .try_clone()
-            .map_err(|source| WriteError::Create {
-                dir: dir.clone(),
-                source,
-            })?;
+        check_output(target, force, &[])?;
+        let tmp = AtomicFile::create(target, force)?;
+        let file = tmp.file().try_clone()?;
 
         let header = Header {
             model,
@@ -157,8 +135,6 @@ impl BpkWriter {
         let mut out = BufWriter::with_capacity(8 << 20, file);
         out.seek(SeekFrom::Start(data_offset))?;
         Ok(BpkWriter {
-            target: target.to_path_buf(),
-            force,
             tmp: Some(tmp),
             out,
             header,
@@ -291,8 +267,6 @@ impl BpkWriter {
         let tmp = self.tmp.take().expect("temp file is present until finish");
         Ok(Finished {
             tmp,
-            target: self.target,
-            force: self.force,
             header: self.header,
             len: expected_len,
         })
@@ -302,9 +276,7 @@ impl BpkWriter {
 /// A complete file still at its temporary path beside the target: check it, then
 /// [`Finished::persist`] it (dropping it instead deletes it).
 pub struct Finished {
-    tmp: tempfile::NamedTempFile,
-    target: PathBuf,
-    force: bool,
+    tmp: AtomicFile,
     pub header: Header,
     pub len: u64,
 }
@@ -312,29 +284,12 @@ pub struct Finished {
 impl Finished {
     /// Where the finished file is until it is persisted.
     pub fn temp_path(&self) -> &Path {
-        self.tmp.path()
+        self.tmp.temp_path()
     }
 
     /// Renames the file onto the target (refusing to replace an existing file without force).
     pub fn persist(self) -> Result<(Header, u64), WriteError> {
-        let persisted = if self.force {
-            self.tmp.persist(&self.target)
-        } else {
-            self.tmp.persist_noclobber(&self.target)
-        };
-        persisted.map_err(|e| {
-            let source = e.error;
-            if source.kind() == io::ErrorKind::AlreadyExists {
-                WriteError::Exists {
-                    path: self.target.clone(),
-                }
-            } else {
-                WriteError::Persist {
-                    path: self.target.clone(),
-                    source,
-                }
-            }
-        })?;
+        self.tmp.persist()?;
         Ok((self.header, self.len))
     }
 }

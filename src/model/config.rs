@@ -86,7 +86,7 @@ pub struct ModelConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config.json is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("config.json must be a JSON object")]
     NotAnObject,
     #[error(
@@ -99,6 +99,13 @@ pub enum ConfigError {
     Missing { key: &'static str },
     #[error("config.json key `{key}` is invalid: {reason}")]
     Invalid { key: &'static str, reason: String },
+}
+
+// Not `#[from]`: the message includes the JSON error, so it is not also its `source()`.
+impl From<serde_json::Error> for ConfigError {
+    fn from(e: serde_json::Error) -> Self {
+        ConfigError::Json(e)
+    }
 }
 
 /// Class defaults of the transformers config classes, used only for keys the file omits.
@@ -161,7 +168,22 @@ impl ModelConfig {
                     .collect::<Vec<_>>()
                     .join(", "),
             })?;
-        let defaults = class_defaults(obj.get("model_type").and_then(Value::as_str), family);
+        let model_type = match obj.get("model_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) if allowed_model_types(family).contains(&t.as_str()) => {
+                Some(t.as_str())
+            }
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: "model_type",
+                    reason: format!(
+                        "{other} does not go with {architecture} (expected {}); its defaults would be guessed",
+                        allowed_model_types(family).join(" or ")
+                    ),
+                });
+            }
+        };
+        let defaults = class_defaults(model_type, family);
 
         let hidden_size = req_usize(obj, "hidden_size")?;
         let num_heads = req_usize(obj, "num_attention_heads")?;
@@ -387,27 +409,54 @@ fn as_positive_f64(v: &Value, key: &'static str) -> Result<f64, ConfigError> {
 }
 
 /// Only plain RoPE is implemented; a scaled variant would silently change the numbers.
+/// Accepts only plain RoPE: `rope_scaling` absent, null or `{"rope_type": "default", ...}`;
+/// `rope_parameters` (transformers 5.x) absent, null or an object whose `rope_type` is absent or
+/// `default`. Anything else (a string, a scaling type) is refused rather than ignored.
 fn check_rope_scaling(obj: &Obj) -> Result<(), ConfigError> {
-    let rope_type = |v: &Value| {
-        v.get("rope_type")
-            .or_else(|| v.get("type"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    };
-    for key in ["rope_scaling", "rope_parameters"] {
-        if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
-            match rope_type(v).as_deref() {
-                None | Some("default") => {}
-                Some(other) => {
-                    return Err(ConfigError::Invalid {
-                        key: "rope_scaling",
-                        reason: format!("rope type `{other}` is not supported (only plain RoPE)"),
-                    });
-                }
+    for (key, name) in [
+        ("rope_scaling", "rope_scaling"),
+        ("rope_parameters", "rope_parameters"),
+    ] {
+        let Some(v) = obj.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let Some(o) = v.as_object() else {
+            return Err(ConfigError::Invalid {
+                key: name,
+                reason: format!("expected null or an object, found {v}"),
+            });
+        };
+        let rope_type = o.get("rope_type").or_else(|| o.get("type"));
+        match rope_type {
+            None if key == "rope_parameters" => {}
+            Some(Value::String(t)) if t == "default" => {}
+            None => {
+                return Err(ConfigError::Invalid {
+                    key: name,
+                    reason: "an object without `rope_type`: which scaling is meant is unclear; only plain RoPE (`default`) is supported".into(),
+                });
+            }
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    key: name,
+                    reason: format!(
+                        "rope type {other} is not supported (only plain RoPE, `default`)"
+                    ),
+                });
             }
         }
     }
     Ok(())
+}
+
+/// The `model_type` values each architecture may declare (what transformers and the published
+/// checkpoints write).
+fn allowed_model_types(family: Family) -> &'static [&'static str] {
+    match family {
+        Family::Bitnet2b4t => &["bitnet"],
+        Family::Bitnet1bitllm => &["llama", "bitnet"],
+        Family::Llama => &["llama"],
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,14 @@ pub use model::{
 };
 pub use source::SourceMode;
 
+/// A tensor's place in words: `q_proj of block 3`, `final_norm`.
+pub(crate) fn describe_site(role: crate::model::Role, layer: Option<usize>) -> String {
+    match layer {
+        Some(l) => format!("{} of block {l}", role.as_str()),
+        None => role.as_str().to_string(),
+    }
+}
+
 /// A model that cannot be loaded for running.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -25,6 +33,15 @@ pub enum RunError {
     Invalid { path: PathBuf, first: String },
     #[error("the model has no {what}")]
     Missing { what: String },
+    #[error(
+        "{path}: tensor `{tensor}` has a non-finite value {value} at flat index {index}; the checkpoint is damaged or was saved after a diverged training step"
+    )]
+    NonFinite {
+        path: PathBuf,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
     #[error(transparent)]
     Format(#[from] crate::format::FormatError),
 }

@@ -8,7 +8,7 @@ use super::RunError;
 use super::kernels::{dot, dot_trits_f32, padded_len, quantize_activation};
 use super::model::{Block, FloatMatrix, Linear, Transformer};
 use crate::format::header::{ActivationRule, WeightRule};
-use crate::format::{BpkFile, TensorEntry, validate_bytes};
+use crate::format::{BpkFile, TensorEntry, validate_bytes_into};
 use crate::model::Role;
 use crate::pack::TernaryLayout;
 
@@ -106,8 +106,11 @@ pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunErr
             reason: format!("weight rule {:?}", q.weights.rule),
         });
     }
-    let report = validate_bytes(file.bytes());
-    if let Some(first) = report.findings.first() {
+    let mut first_finding = None;
+    validate_bytes_into(file.bytes(), &mut |f| {
+        first_finding.get_or_insert(f);
+    });
+    if let Some(first) = first_finding {
         return Err(RunError::Invalid {
             path: file.path.clone(),
             first: first.message.clone(),
@@ -120,7 +123,7 @@ pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunErr
             .iter()
             .find(|t| t.role == role && t.layer.map(|l| l as usize) == layer)
             .ok_or_else(|| RunError::Missing {
-                what: format!("{} of layer {layer:?}", role.as_str()),
+                what: super::describe_site(role, layer),
             })
     };
     let floats = |role, layer| -> Result<Vec<f32>, RunError> {

@@ -15,7 +15,7 @@ use super::kernels::ACT_QMAX;
 use super::model::{Block, FloatMatrix, Linear, Transformer};
 use crate::model::Role;
 use crate::quant::{ACTIVATION_EPS, AbsmeanScale, abs_sum_f64, round_clamp};
-use crate::source::dtype::decode_f32;
+use crate::source::dtype::{decode_f32, first_non_finite};
 use crate::source::{Checkpoint, SourceTensor};
 
 /// How the source checkpoint is executed.
@@ -91,18 +91,29 @@ impl Linear for SourceLinear<'_> {
     }
 }
 
-/// Builds the source model of an opened checkpoint.
+/// Builds the source model of an opened checkpoint. Every weight is checked to be finite first,
+/// as convert does: a NaN would otherwise run silently into all-NaN logits.
 pub fn load(
     ckpt: &Checkpoint,
     mode: SourceMode,
 ) -> Result<Transformer<'_, SourceLinear<'_>>, RunError> {
+    for t in &ckpt.tensors {
+        if let Some((index, value)) = first_non_finite(t.dtype, ckpt.bytes(t)) {
+            return Err(RunError::NonFinite {
+                path: ckpt.shards[t.shard].path.clone(),
+                tensor: t.spec.name.clone(),
+                index,
+                value,
+            });
+        }
+    }
     let cfg = ckpt.config.clone();
     let find = |role: Role, layer: Option<usize>| -> Result<&SourceTensor, RunError> {
         ckpt.tensors
             .iter()
             .find(|t| t.spec.role == role && t.spec.layer == layer)
             .ok_or_else(|| RunError::Missing {
-                what: format!("{} of layer {layer:?}", role.as_str()),
+                what: super::describe_site(role, layer),
             })
     };
     let floats = |role, layer| -> Result<Vec<f32>, RunError> {

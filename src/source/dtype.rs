@@ -1,5 +1,6 @@
 //! Element types of source checkpoints and their decoding to f32.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// A floating-point element type that a source tensor may have.
@@ -40,6 +41,15 @@ impl FloatDtype {
     }
 
     /// The matching safetensors dtype.
+    /// The dtype's name in a safetensors header.
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            FloatDtype::F32 => "F32",
+            FloatDtype::F16 => "F16",
+            FloatDtype::Bf16 => "BF16",
+        }
+    }
+
     pub fn to_safetensors(self) -> safetensors::Dtype {
         match self {
             FloatDtype::F32 => safetensors::Dtype::F32,
@@ -88,6 +98,30 @@ pub fn encode_f32(dtype: FloatDtype, values: &[f32], out: &mut Vec<u8>) {
             .iter()
             .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
     }
+}
+
+/// Elements per chunk when tensors are streamed through f32.
+pub const STREAM_CHUNK: usize = 1 << 20;
+
+/// The flat index and value of the first NaN or infinity, scanning chunks in parallel.
+pub fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
+    let chunk = STREAM_CHUNK * dtype.size();
+    bytes
+        .par_chunks(chunk)
+        .enumerate()
+        .map_init(
+            || vec![0f32; STREAM_CHUNK],
+            |buf, (c, src)| {
+                let n = src.len() / dtype.size();
+                decode_f32(dtype, src, &mut buf[..n]);
+                buf[..n]
+                    .iter()
+                    .position(|v| !v.is_finite())
+                    .map(|i| (c * STREAM_CHUNK + i, buf[i]))
+            },
+        )
+        .find_first(Option::is_some)
+        .flatten()
 }
 
 #[cfg(test)]

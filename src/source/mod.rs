@@ -9,13 +9,13 @@
 pub mod dtype;
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
+use crate::fsio::{self, FileError};
 use crate::model::{
     ConfigError, ModelConfig, Role, TensorSpec, expected_tensors, roles::IGNORED_SUFFIXES,
 };
@@ -27,23 +27,27 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Largest config.json or index file we read (real ones are a few KB to a few MB).
-const MAX_JSON_FILE: u64 = 64 << 20;
+pub const MAX_JSON_FILE: u64 = 64 << 20;
+/// Largest safetensors header we parse (the `safetensors` crate allows 100 MB; parsing costs
+/// about 14 times the header in memory, and real headers are kilobytes to a few megabytes).
+pub const MAX_SAFETENSORS_HEADER: u64 = 16 << 20;
 
 /// A checkpoint that cannot be read. Every variant names the file, and the tensor where one is
 /// at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {source}")]
-    Config { path: PathBuf, source: ConfigError },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path}: {error}")]
+    Config { path: PathBuf, error: ConfigError },
     #[error(
         "{dir}: no {SINGLE_FILE} or {INDEX_FILE} found; point at an HF model directory that holds config.json and safetensors weights"
     )]
     NoWeights { dir: PathBuf },
+    #[error(
+        "{path}: not a model directory, a .safetensors file or a .safetensors.index.json shard index"
+    )]
+    NotACheckpoint { path: PathBuf },
     #[error("{path}: invalid shard index: {reason}")]
     Index { path: PathBuf, reason: String },
     #[error(
@@ -137,55 +141,98 @@ pub struct Checkpoint {
     pub tensors: Vec<SourceTensor>,
     /// Names present in the files and deliberately skipped (buffers, a duplicate tied head).
     pub skipped: Vec<String>,
+    /// The shard index, when the weights are sharded.
+    pub index: Option<PathBuf>,
+    /// Things a user should know about how the path was read (which weights were used).
+    pub notes: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SourceError + '_ {
-    move |source| SourceError::Io {
-        path: path.to_path_buf(),
-        source,
+    move |error| {
+        SourceError::File(FileError::Io {
+            path: path.to_path_buf(),
+            error,
+        })
     }
 }
 
-fn read_small(path: &Path) -> Result<Vec<u8>, SourceError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_JSON_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io_err(path))?;
-    if bytes.len() as u64 > MAX_JSON_FILE {
-        return Err(SourceError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(format!("larger than {MAX_JSON_FILE} bytes")),
+fn read_small(path: &Path, what: &'static str) -> Result<Vec<u8>, SourceError> {
+    Ok(fsio::read_capped(path, MAX_JSON_FILE, what)?)
+}
+
+/// The weights a checkpoint path names.
+enum Weights {
+    /// One safetensors file (its name inside the directory).
+    Single(String),
+    /// A shard index file (its path).
+    Index(PathBuf),
+}
+
+/// Decides which weights `path` names: a directory (as transformers does, `model.safetensors`
+/// before `model.safetensors.index.json`), a `.safetensors` file, or a shard index. Returns the
+/// model directory, the weights and a note when the choice is not obvious.
+fn locate(path: &Path) -> Result<(PathBuf, Weights, Option<String>), SourceError> {
+    let meta = fsio::stat(path)?.ok_or_else(|| FileError::Io {
+        path: path.to_path_buf(),
+        error: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    if meta.is_dir() {
+        let (single, index) = (path.join(SINGLE_FILE), path.join(INDEX_FILE));
+        let (has_single, has_index) = (
+            fsio::stat(&single)?.is_some(),
+            fsio::stat(&index)?.is_some(),
+        );
+        let weights = match (has_single, has_index) {
+            (true, _) => Weights::Single(SINGLE_FILE.to_string()),
+            (false, true) => Weights::Index(index),
+            (false, false) => {
+                return Err(SourceError::NoWeights {
+                    dir: path.to_path_buf(),
+                });
+            }
+        };
+        let note = (has_single && has_index).then(|| {
+            format!(
+                "{} holds both {SINGLE_FILE} and {INDEX_FILE}; using {SINGLE_FILE}, as transformers does (name the index file to use the shards)",
+                path.display()
+            )
         });
+        return Ok((path.to_path_buf(), weights, note));
     }
-    Ok(bytes)
+    let dir = fsio::parent_dir(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.ends_with(".safetensors") {
+        Ok((dir, Weights::Single(name), None))
+    } else if name.ends_with(".index.json") {
+        Ok((dir, Weights::Index(path.to_path_buf()), None))
+    } else {
+        Err(SourceError::NotACheckpoint {
+            path: path.to_path_buf(),
+        })
+    }
 }
 
 impl Checkpoint {
-    /// Opens an HF model directory (or a `.safetensors` file inside one).
+    /// Opens an HF model directory, or the `.safetensors` file or shard index named inside one
+    /// (`config.json` is always the directory's).
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let dir = if path.is_file() {
-            path.parent().unwrap_or(Path::new(".")).to_path_buf()
-        } else {
-            path.to_path_buf()
-        };
+        let (dir, weights, note) = locate(path)?;
         let config_path = dir.join(CONFIG_FILE);
-        let config_bytes = read_small(&config_path)?;
+        let config_bytes = read_small(&config_path, "config.json")?;
         let config =
-            ModelConfig::from_json(&config_bytes).map_err(|source| SourceError::Config {
+            ModelConfig::from_json(&config_bytes).map_err(|error| SourceError::Config {
                 path: config_path.clone(),
-                source,
+                error,
             })?;
-
-        let index_path = dir.join(INDEX_FILE);
-        let single_path = dir.join(SINGLE_FILE);
-        let (shard_names, routing) = if index_path.exists() {
-            let (names, map) = read_index(&index_path)?;
-            (names, Some(map))
-        } else if single_path.exists() {
-            (vec![SINGLE_FILE.to_string()], None)
-        } else {
-            return Err(SourceError::NoWeights { dir });
+        let (shard_names, routing, index) = match weights {
+            Weights::Index(index_path) => {
+                let (names, map) = read_index(&index_path)?;
+                (names, Some(map), Some(index_path))
+            }
+            Weights::Single(name) => (vec![name], None, None),
         };
 
         let mut shards = Vec::with_capacity(shard_names.len());
@@ -223,7 +270,17 @@ impl Checkpoint {
             shards,
             tensors,
             skipped,
+            index,
+            notes: note.into_iter().collect(),
         })
+    }
+
+    /// Every file the checkpoint was read from: config.json, the index if any, the shards.
+    pub fn input_files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.dir.join(CONFIG_FILE))
+            .chain(self.index.clone())
+            .chain(self.shards.iter().map(|s| s.path.clone()))
+            .collect()
     }
 
     /// The raw little-endian bytes of a tensor (borrowed from the memory map).
@@ -293,7 +350,7 @@ impl Checkpoint {
 /// be mapped, are read.
 pub fn sha256_file(path: &Path) -> Result<String, SourceError> {
     const WINDOW: u64 = 64 << 20;
-    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut file = fsio::open_regular(path)?;
     let mut hasher = Sha256::new();
     let len = file.metadata().map_err(io_err(path))?.len();
     if len >= WINDOW {
@@ -319,7 +376,7 @@ pub fn sha256_file(path: &Path) -> Result<String, SourceError> {
         }
         // Mapping failed part way: start over by reading.
         hasher = Sha256::new();
-        file = File::open(path).map_err(io_err(path))?;
+        file = fsio::open_regular(path)?;
     }
     let mut buf = vec![0u8; 4 << 20];
     loop {
@@ -348,8 +405,8 @@ fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>), So
         path: path.to_path_buf(),
         reason,
     };
-    let index: Index =
-        serde_json::from_slice(&read_small(path)?).map_err(|e| bad(e.to_string()))?;
+    let index: Index = serde_json::from_slice(&read_small(path, "shard index")?)
+        .map_err(|e| bad(e.to_string()))?;
     let mut names: Vec<String> = index.weight_map.values().cloned().collect();
     names.sort();
     names.dedup();
@@ -375,7 +432,7 @@ type ShardInfos = Vec<(String, safetensors::tensor::TensorInfo, usize)>;
 /// Maps and validates one safetensors file; returns each tensor with the absolute offset of the
 /// data section.
 fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), SourceError> {
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = fsio::open_regular(path)?;
     let len = file.metadata().map_err(io_err(path))?.len();
     let bad = |reason: String| SourceError::Safetensors {
         path: path.to_path_buf(),
@@ -389,17 +446,29 @@ fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), Sourc
     // SAFETY: the map is read-only. Like every mmap-based reader we assume the file is not
     // truncated or rewritten by another process while we run.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-    let (header_len, metadata) =
-        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
-    let header = mmap
-        .get(8..8 + header_len)
-        .ok_or_else(|| bad("header out of bounds".into()))?;
+    let declared = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes, checked above"));
+    if declared > MAX_SAFETENSORS_HEADER {
+        return Err(bad(format!(
+            "the header declares {declared} bytes (bytes 0..8), more than the {MAX_SAFETENSORS_HEADER} bytes this reader accepts; real checkpoints have headers of kilobytes to a few megabytes"
+        )));
+    }
+    let header_end = 8 + declared as usize;
+    let header = mmap.get(8..header_end).ok_or_else(|| {
+        bad(format!(
+            "the header declares {declared} bytes (bytes 0..8) but the file has {} after them; the file is truncated",
+            len - 8
+        ))
+    })?;
     if let Some(name) = first_duplicate_key(header) {
         return Err(SourceError::DuplicateTensor {
             path: path.to_path_buf(),
             name,
         });
     }
+    // Our own check first, for messages that name the tensor at fault; then the crate's.
+    check_st_header(header, len - header_end as u64).map_err(bad)?;
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
     let data_start = 8 + header_len;
     let infos = metadata
         .tensors()
@@ -415,6 +484,90 @@ fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), Sourc
         },
         infos,
     ))
+}
+
+/// Bytes per element of a safetensors dtype name (the whole-byte ones).
+fn st_dtype_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// Checks a safetensors header against the `data_len` bytes after it: every entry well-formed,
+/// its byte range the size its dtype and shape need, and the ranges tiling the data exactly.
+/// Each message names the tensor (or the two tensors) at fault.
+fn check_st_header(header: &[u8], data_len: u64) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<u64>,
+        data_offsets: (u64, u64),
+    }
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header)
+        .map_err(|e| format!("the header is not a JSON object of tensors: {e}"))?;
+    let mut ranges = Vec::with_capacity(map.len());
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let e: Entry = serde_json::from_value(v)
+            .map_err(|e| format!("tensor `{name}`: malformed entry ({e})"))?;
+        let (begin, end) = e.data_offsets;
+        if begin > end {
+            return Err(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] are reversed"
+            ));
+        }
+        if end > data_len {
+            return Err(format!(
+                "tensor `{name}`: data_offsets [{begin}, {end}] run past the end of the {data_len}-byte data section; the file is truncated or the header is wrong"
+            ));
+        }
+        let size = st_dtype_size(&e.dtype)
+            .ok_or_else(|| format!("tensor `{name}`: unknown dtype `{}`", e.dtype))?;
+        let need = e
+            .shape
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", e.shape))?;
+        if need != end - begin {
+            return Err(format!(
+                "tensor `{name}`: shape {:?} of {} needs {need} bytes, but data_offsets [{begin}, {end}] span {}",
+                e.shape,
+                e.dtype,
+                end - begin
+            ));
+        }
+        ranges.push((begin, end, name));
+    }
+    ranges.sort();
+    let mut previous: Option<(u64, &str)> = None;
+    for (begin, end, name) in &ranges {
+        let prev_end = previous.map_or(0, |p| p.0);
+        if *begin < prev_end {
+            return Err(format!(
+                "tensors `{}` and `{name}` overlap (bytes {begin}..{prev_end} of the data)",
+                previous.map_or("", |p| p.1)
+            ));
+        }
+        if *begin > prev_end {
+            return Err(format!(
+                "bytes {prev_end}..{begin} of the data, before tensor `{name}`, belong to no tensor"
+            ));
+        }
+        previous = Some((*end, name));
+    }
+    let last = previous.map_or(0, |p| p.0);
+    if last != data_len {
+        return Err(format!(
+            "bytes {last}..{data_len} at the end of the data belong to no tensor"
+        ));
+    }
+    Ok(())
 }
 
 /// Finds a key that occurs twice at the top level of a safetensors header (serde_json keeps the
@@ -562,6 +715,25 @@ mod tests {
             sha256_file(&small).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn header_problems_name_the_tensor() {
+        let h = |s: &str| check_st_header(s.as_bytes(), 24);
+        let ok = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[8],"data_offsets":[8,24]}}"#;
+        assert_eq!(h(ok), Ok(()));
+        let e = h(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"k":{"dtype":"BF16","shape":[9],"data_offsets":[8,24]}}"#).unwrap_err();
+        assert!(e.contains("`k`") && e.contains("needs 18 bytes"), "{e}");
+        let e = h(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"k":{"dtype":"BF16","shape":[8],"data_offsets":[8,24]}}"#).unwrap_err();
+        assert!(e.contains("`a` and `k` overlap"), "{e}");
+        let e = h(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"k":{"dtype":"BF16","shape":[4],"data_offsets":[16,24]}}"#).unwrap_err();
+        assert!(e.contains("bytes 8..16") && e.contains("`k`"), "{e}");
+        let e = h(r#"{"k":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}}"#).unwrap_err();
+        assert!(e.contains("`k`") && e.contains("run past"), "{e}");
+        let e = h(r#"{"k":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#).unwrap_err();
+        assert!(e.contains("8..24 at the end"), "{e}");
+        let e = h(r#"{"k":{"dtype":"Q9","shape":[2],"data_offsets":[0,24]}}"#).unwrap_err();
+        assert!(e.contains("`k`: unknown dtype"), "{e}");
     }
 
     #[test]

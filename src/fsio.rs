@@ -1,0 +1,507 @@
+//! The file-system boundary: opening the files a user names, and writing outputs so that a
+//! failure or an interruption never leaves a partial file at the target.
+//!
+//! Inputs: [`open_regular`] opens without blocking and refuses anything but a regular file (a
+//! FIFO in place of `config.json` would otherwise block forever, a directory fails later with
+//! "No such device", `/dev/zero` looks like an empty file); [`read_capped`] reads a whole file
+//! only up to a named limit.
+//!
+//! Outputs: [`check_output`] is run before any work and refuses a target that is not a regular
+//! file, that is one of the inputs, or whose directory does not exist; [`AtomicFile`] is a
+//! temporary file beside the target, renamed onto it at the end, created with the usual
+//! permissions (0666 minus the umask) and removed if the process is interrupted by SIGINT,
+//! SIGTERM or SIGHUP ([`install_interrupt_cleanup`]). A `kill -9` cannot be caught: it leaves
+//! the temporary file, named `.<target name>.<pid>.<random>.tmp`, which the next write to the
+//! same target removes once that process is gone ([`remove_stale_temps`]).
+
+use std::collections::BTreeMap;
+use std::fs::{File, Metadata};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A file that cannot be used as an input or an output. Each variant names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{path}: {}", describe_io(error))]
+    Io { path: PathBuf, error: io::Error },
+    #[error("{path} is {kind}, not a regular file")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} is {len} bytes, more than the {limit} bytes a {what} may have")]
+    TooLarge {
+        path: PathBuf,
+        what: &'static str,
+        len: u64,
+        limit: u64,
+    },
+    #[error("{path} already exists; pass --force to overwrite it")]
+    Exists { path: PathBuf },
+    #[error("{path} is {kind}; --force only replaces a regular file")]
+    TargetNotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} is one of the inputs ({input}); write the output somewhere else")]
+    TargetIsInput { path: PathBuf, input: PathBuf },
+    #[error("{dir} does not exist or is not a directory; create it first")]
+    NoDirectory { dir: PathBuf },
+}
+
+/// An `io::Error` in words, without the "(os error N)" suffix for the common kinds.
+fn describe_io(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) if code == libc::ELOOP => "too many levels of symbolic links (a loop?)".into(),
+        Some(code) if code == libc::ENOENT => "no such file or directory".into(),
+        Some(code) if code == libc::EACCES => "permission denied".into(),
+        Some(code) if code == libc::ENOTDIR => "a component of the path is not a directory".into(),
+        Some(code) if code == libc::EISDIR => "is a directory".into(),
+        Some(code) if code == libc::ENOSPC => "no space left on the device".into(),
+        _ => e.to_string(),
+    }
+}
+
+impl FileError {
+    fn io(path: &Path, error: io::Error) -> Self {
+        FileError::Io {
+            path: path.to_path_buf(),
+            error,
+        }
+    }
+}
+
+/// What kind of file `m` describes, for messages.
+fn kind_of(m: &Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a regular file"
+    }
+}
+
+/// Opens `path` for reading if it is a regular file (symbolic links followed). The open does
+/// not block on a FIFO; anything but a regular file is refused before it is read.
+pub fn open_regular(path: &Path) -> Result<File, FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| FileError::io(path, e))?;
+    let m = file.metadata().map_err(|e| FileError::io(path, e))?;
+    if !m.is_file() {
+        return Err(FileError::NotRegular {
+            path: path.to_path_buf(),
+            kind: kind_of(&m),
+        });
+    }
+    // O_NONBLOCK has no effect on regular files; nothing to undo.
+    Ok(file)
+}
+
+/// Reads a whole regular file of at most `limit` bytes (`what` names it in the error).
+pub fn read_capped(path: &Path, limit: u64, what: &'static str) -> Result<Vec<u8>, FileError> {
+    use std::io::Read;
+    let file = open_regular(path)?;
+    let len = file.metadata().map_err(|e| FileError::io(path, e))?.len();
+    let too_large = |len| FileError::TooLarge {
+        path: path.to_path_buf(),
+        what,
+        len,
+        limit,
+    };
+    if len > limit {
+        return Err(too_large(len));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| FileError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// Whether `path` exists, distinguishing "absent" from "cannot tell" (a symlink loop, a
+/// permission problem): `Ok(None)` if absent, the metadata (symlinks followed) if present.
+pub fn stat(path: &Path) -> Result<Option<Metadata>, FileError> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A dangling symlink is "present" as a link; treat it as absent only if the link
+            // itself is absent too.
+            match std::fs::symlink_metadata(path) {
+                Ok(_) => Err(FileError::io(path, e)),
+                Err(_) => Ok(None),
+            }
+        }
+        Err(e) => Err(FileError::io(path, e)),
+    }
+}
+
+/// Checks an output target before any work is done: its directory exists; if it exists, `force`
+/// was given, it is a regular file (or a symlink to one) and it is none of `inputs`.
+pub fn check_output(target: &Path, force: bool, inputs: &[PathBuf]) -> Result<(), FileError> {
+    let dir = parent_dir(target);
+    match std::fs::metadata(&dir) {
+        Ok(m) if m.is_dir() => {}
+        _ => return Err(FileError::NoDirectory { dir }),
+    }
+    let Some(m) = stat(target)? else {
+        return Ok(());
+    };
+    if !force {
+        return Err(FileError::Exists {
+            path: target.to_path_buf(),
+        });
+    }
+    if !m.is_file() {
+        return Err(FileError::TargetNotRegular {
+            path: target.to_path_buf(),
+            kind: kind_of(&m),
+        });
+    }
+    use std::os::unix::fs::MetadataExt;
+    for input in inputs {
+        if let Ok(im) = std::fs::metadata(input)
+            && im.dev() == m.dev()
+            && im.ino() == m.ino()
+        {
+            return Err(FileError::TargetIsInput {
+                path: target.to_path_buf(),
+                input: input.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The directory a target lives in (`.` for a bare file name).
+pub fn parent_dir(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Temporary files in flight, removed by the interrupt handler.
+static IN_FLIGHT: Mutex<BTreeMap<u64, PathBuf>> = Mutex::new(BTreeMap::new());
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn in_flight() -> std::sync::MutexGuard<'static, BTreeMap<u64, PathBuf>> {
+    IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Installs (once) a handler for SIGINT, SIGTERM and SIGHUP that removes every temporary output
+/// file in flight and exits with 128 + the signal number, as a shell reports a killed command.
+pub fn install_interrupt_cleanup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                for path in in_flight().values() {
+                    let _ = std::fs::remove_file(path);
+                }
+                std::process::exit(128 + sig);
+            }
+        });
+    });
+}
+
+/// The prefix of temporary files for `target`: `.<name>.`.
+fn temp_prefix(target: &Path) -> String {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.")
+}
+
+/// Removes temporary files that an earlier, killed write to `target` left behind (named by
+/// [`AtomicFile`], owned by a process that no longer runs). Returns what was removed.
+pub fn remove_stale_temps(target: &Path) -> Vec<PathBuf> {
+    let dir = parent_dir(target);
+    let prefix = temp_prefix(target);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        let gone = pid > 0
+            && unsafe { libc::kill(pid, 0) } == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let path = entry.path();
+            if std::fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
+/// A file being written beside its target, renamed onto it by [`AtomicFile::persist`]. Dropped
+/// without persisting (an error), or interrupted by a signal, it is removed.
+pub struct AtomicFile {
+    /// Present until persisted.
+    tmp: Option<tempfile::NamedTempFile>,
+    target: PathBuf,
+    force: bool,
+    id: u64,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file in the target's directory. The target is checked again at
+    /// [`AtomicFile::persist`] (it may appear meanwhile).
+    pub fn create(target: &Path, force: bool) -> Result<Self, FileError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = parent_dir(target);
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("{}{}.", temp_prefix(target), std::process::id()))
+            .suffix(".tmp")
+            // The process umask applies, as for any file the user creates.
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(&dir)
+            .map_err(|e| FileError::io(&dir, e))?;
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        in_flight().insert(id, tmp.path().to_path_buf());
+        Ok(AtomicFile {
+            tmp: Some(tmp),
+            target: target.to_path_buf(),
+            force,
+            id,
+        })
+    }
+
+    fn tmp(&self) -> &tempfile::NamedTempFile {
+        self.tmp.as_ref().expect("present until persisted")
+    }
+
+    pub fn file(&self) -> &File {
+        self.tmp().as_file()
+    }
+
+    pub fn file_mut(&mut self) -> &mut File {
+        self.tmp
+            .as_mut()
+            .expect("present until persisted")
+            .as_file_mut()
+    }
+
+    /// Where the data is until it is persisted.
+    pub fn temp_path(&self) -> &Path {
+        self.tmp().path()
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Flushes the data to disk and renames the file onto the target (refusing to replace an
+    /// existing file without `force`, and anything but a regular file even with it).
+    pub fn persist(mut self) -> Result<(), FileError> {
+        let target = self.target.clone();
+        self.file()
+            .sync_all()
+            .map_err(|e| FileError::io(&target, e))?;
+        if let Some(m) = stat(&target)? {
+            if !self.force {
+                return Err(FileError::Exists { path: target });
+            }
+            if !m.is_file() {
+                return Err(FileError::TargetNotRegular {
+                    path: target,
+                    kind: kind_of(&m),
+                });
+            }
+        }
+        let tmp = self.tmp.take().expect("present until persisted");
+        let persisted = if self.force {
+            tmp.persist(&target)
+        } else {
+            tmp.persist_noclobber(&target)
+        };
+        in_flight().remove(&self.id);
+        persisted.map(|_| ()).map_err(|e| {
+            if e.error.kind() == io::ErrorKind::AlreadyExists {
+                FileError::Exists { path: target }
+            } else {
+                FileError::io(&target, e.error)
+            }
+        })
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        in_flight().remove(&self.id);
+    }
+}
+
+/// Writes `bytes` to `target` through an [`AtomicFile`].
+pub fn write_atomic(target: &Path, force: bool, bytes: &[u8]) -> Result<(), FileError> {
+    use std::io::Write;
+    let mut f = AtomicFile::create(target, force)?;
+    f.file_mut()
+        .write_all(bytes)
+        .map_err(|e| FileError::io(target, e))?;
+    f.persist()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_regular_inputs_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        assert!(matches!(
+            open_regular(&fifo),
+            Err(FileError::NotRegular {
+                kind: "a FIFO (named pipe)",
+                ..
+            })
+        ));
+        assert!(matches!(
+            open_regular(dir.path()),
+            Err(FileError::NotRegular {
+                kind: "a directory",
+                ..
+            })
+        ));
+        assert!(matches!(
+            open_regular(Path::new("/dev/zero")),
+            Err(FileError::NotRegular {
+                kind: "a character device",
+                ..
+            })
+        ));
+        let lp = dir.path().join("loop");
+        std::os::unix::fs::symlink(&lp, &lp).unwrap();
+        let e = open_regular(&lp).unwrap_err();
+        assert!(e.to_string().contains("symbolic links"), "{e}");
+    }
+
+    #[test]
+    fn reads_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        assert_eq!(read_capped(&p, 10, "test file").unwrap().len(), 10);
+        assert!(matches!(
+            read_capped(&p, 9, "test file"),
+            Err(FileError::TooLarge {
+                len: 10,
+                limit: 9,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn outputs_are_checked_before_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        std::fs::write(&input, b"x").unwrap();
+        let inputs = [input.clone()];
+        assert!(check_output(&dir.path().join("new"), false, &inputs).is_ok());
+        assert!(matches!(
+            check_output(&input, false, &inputs),
+            Err(FileError::Exists { .. })
+        ));
+        assert!(matches!(
+            check_output(&input, true, &inputs),
+            Err(FileError::TargetIsInput { .. })
+        ));
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&input, &link).unwrap();
+        assert!(matches!(
+            check_output(&link, true, &inputs),
+            Err(FileError::TargetIsInput { .. })
+        ));
+        assert!(matches!(
+            check_output(dir.path(), true, &inputs),
+            Err(FileError::TargetNotRegular { .. })
+        ));
+        assert!(matches!(
+            check_output(Path::new("/dev/null"), true, &inputs),
+            Err(FileError::TargetNotRegular { .. })
+        ));
+        assert!(matches!(
+            check_output(&dir.path().join("missing/x.bpk"), true, &inputs),
+            Err(FileError::NoDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn atomic_files_respect_the_umask_and_leave_nothing_on_error() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.bin");
+        write_atomic(&target, false, b"hello").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"hello");
+        // SAFETY: reading the umask requires setting it; it is put back at once.
+        let umask = unsafe {
+            let m = libc::umask(0o022);
+            libc::umask(m);
+            m
+        };
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !(umask as u32));
+        assert!(matches!(
+            write_atomic(&target, false, b"again"),
+            Err(FileError::Exists { .. })
+        ));
+        {
+            let f = AtomicFile::create(&dir.path().join("never"), false).unwrap();
+            assert!(f.temp_path().exists());
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the persisted file remains");
+    }
+
+    #[test]
+    fn stale_temps_of_dead_processes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("m.bpk");
+        // A PID far above any real one on Linux (pid_max is at most 2^22).
+        let stale = dir.path().join(".m.bpk.99999999.abc.tmp");
+        let live = dir
+            .path()
+            .join(format!(".m.bpk.{}.abc.tmp", std::process::id()));
+        let other = dir.path().join(".other.bpk.99999999.abc.tmp");
+        for p in [&stale, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(&target), vec![stale.clone()]);
+        assert!(!stale.exists() && live.exists() && other.exists());
+    }
+}
