@@ -19,7 +19,7 @@ const MAX_NUMEL: u64 = 1 << 24;
 
 fuzz_target!(|data: &[u8]| {
     let report = validate_bytes(data);
-    assert_eq!(report.file_len, data.len() as u64);
+    assert_eq!(report.summary.file_len, data.len() as u64);
 
     let opened = BpkFile::from_storage(Path::new("fuzz.bpk"), Storage::Owned(data.to_vec()));
     let file = match opened {

@@ -142,6 +142,10 @@ fn generate<L: Linear>(
         .map_err(|e| anyhow::anyhow!("could not tokenize the prompt: {e}"))?;
     let prompt_ids: Vec<u32> = enc.get_ids().to_vec();
     let vocab = model.config.vocab_size;
+    // The attention state grows to the prompt plus what is generated (at most the positions
+    // the model has): check that it fits before starting.
+    let positions = (prompt_ids.len() + a.max_new_tokens).min(model.config.max_position_embeddings);
+    crate::run::budget::check(&model.config, 1, positions, false)?;
     let mut cache = KvCache::new(&model.config);
     let mut logits = model.forward(&prompt_ids, &mut cache, false)?.logits;
     let mut generated: Vec<u32> = Vec::new();
@@ -162,7 +166,13 @@ fn generate<L: Linear>(
             .decode(&generated, true)
             .map_err(|e| anyhow::anyhow!("could not decode: {e}"))?;
         if let Some(new) = text.strip_prefix(printed.as_str()) {
-            let _ = write!(stdout, "{new}").and_then(|_| stdout.flush());
+            match write!(stdout, "{new}").and_then(|_| stdout.flush()) {
+                // The reader went away (`| head`): stop generating, quietly.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                other => other?,
+            }
         }
         printed = text;
         if model.config.eos_token_ids.contains(&u64::from(next))
@@ -172,7 +182,10 @@ fn generate<L: Linear>(
         }
         logits = model.forward(&[next], &mut cache, false)?.logits;
     }
-    let _ = writeln!(stdout);
+    match writeln!(stdout) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(ExitCode::SUCCESS),
+        other => other?,
+    }
     eprintln!("prompt tokens {prompt_ids:?}; generated tokens {generated:?}");
     Ok(ExitCode::SUCCESS)
 }

@@ -441,6 +441,7 @@ pub fn parity(
     check_provenance: bool,
 ) -> Result<ParityReport, ParityError> {
     check_pair(ckpt, file, check_provenance)?;
+    crate::run::budget::check(&ckpt.config, tokens.len(), 0, true).map_err(InputError::from)?;
     let declarations = declarations(ckpt, file);
     let floats = check_floats(ckpt, file)?;
     let packed_model = packed::load(file)?;

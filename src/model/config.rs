@@ -562,4 +562,64 @@ mod tests {
             Err(ConfigError::NotAnObject)
         ));
     }
+
+    #[test]
+    fn only_plain_rope_is_accepted() {
+        let bad = [
+            ("rope_scaling", serde_json::json!("yarn")),
+            ("rope_scaling", serde_json::json!({"factor": 2.0})),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear", "factor": 2.0}),
+            ),
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_type": "llama3", "rope_theta": 5e5}),
+            ),
+            ("rope_parameters", serde_json::json!(500000.0)),
+        ];
+        for (key, value) in bad {
+            let mut o = base();
+            o.insert(key.into(), value.clone());
+            match parse(&o) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{value}"),
+                other => panic!("{key} {value}: {other:?}"),
+            }
+        }
+        for (key, value) in [
+            ("rope_scaling", Value::Null),
+            ("rope_scaling", serde_json::json!({"rope_type": "default"})),
+            ("rope_parameters", serde_json::json!({"rope_theta": 1e4})),
+        ] {
+            let mut o = base();
+            o.insert(key.into(), value);
+            assert!(parse(&o).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_model_type_that_does_not_go_with_the_architecture_is_refused() {
+        let mut o = base();
+        o.insert("model_type".into(), "mistral".into());
+        assert!(matches!(
+            parse(&o),
+            Err(ConfigError::Invalid {
+                key: "model_type",
+                ..
+            })
+        ));
+        o.insert("model_type".into(), "llama".into());
+        assert!(matches!(
+            parse(&o),
+            Err(ConfigError::Invalid {
+                key: "model_type",
+                ..
+            })
+        ));
+        o.insert(
+            "architectures".into(),
+            serde_json::json!(["BitnetForCausalLM"]),
+        );
+        assert_eq!(parse(&o).unwrap().family, Family::Bitnet1bitllm);
+    }
 }

@@ -2,6 +2,7 @@
 //! ([`packed`]) or from the source checkpoint in f32 ([`source`]), through one shared forward
 //! ([`model`]).
 
+pub mod budget;
 pub mod kernels;
 pub mod model;
 pub mod packed;

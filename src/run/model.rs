@@ -430,6 +430,8 @@ pub enum InputError {
     TooLong { len: usize, max: usize },
     #[error("no tokens given")]
     Empty,
+    #[error(transparent)]
+    Memory(#[from] super::budget::TooLarge),
 }
 
 /// What a forward pass returns: logits per new position, and optionally the hidden state after
@@ -528,6 +530,7 @@ impl<L: Linear> Transformer<'_, L> {
                 max: cfg.max_position_embeddings,
             });
         }
+        super::budget::check(cfg, n, start, false)?;
         if let Some((i, &t)) = tokens
             .iter()
             .enumerate()

@@ -427,7 +427,9 @@ fn read_index(path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>), So
     Ok((names, index.weight_map))
 }
 
-type ShardInfos = Vec<(String, safetensors::tensor::TensorInfo, usize)>;
+/// The tensors of one safetensors file: name, what the header says, and the absolute offset of
+/// the data section.
+pub type ShardInfos = Vec<(String, safetensors::tensor::TensorInfo, usize)>;
 
 /// Maps and validates one safetensors file; returns each tensor with the absolute offset of the
 /// data section.
@@ -446,35 +448,13 @@ fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), Sourc
     // SAFETY: the map is read-only. Like every mmap-based reader we assume the file is not
     // truncated or rewritten by another process while we run.
     let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-    let declared = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes, checked above"));
-    if declared > MAX_SAFETENSORS_HEADER {
-        return Err(bad(format!(
-            "the header declares {declared} bytes (bytes 0..8), more than the {MAX_SAFETENSORS_HEADER} bytes this reader accepts; real checkpoints have headers of kilobytes to a few megabytes"
-        )));
-    }
-    let header_end = 8 + declared as usize;
-    let header = mmap.get(8..header_end).ok_or_else(|| {
-        bad(format!(
-            "the header declares {declared} bytes (bytes 0..8) but the file has {} after them; the file is truncated",
-            len - 8
-        ))
-    })?;
-    if let Some(name) = first_duplicate_key(header) {
-        return Err(SourceError::DuplicateTensor {
+    let infos = parse_safetensors(&mmap).map_err(|e| match e {
+        StHeaderError::Duplicate(name) => SourceError::DuplicateTensor {
             path: path.to_path_buf(),
             name,
-        });
-    }
-    // Our own check first, for messages that name the tensor at fault; then the crate's.
-    check_st_header(header, len - header_end as u64).map_err(bad)?;
-    let (header_len, metadata) =
-        safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
-    let data_start = 8 + header_len;
-    let infos = metadata
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| (name, info.clone(), data_start))
-        .collect();
+        },
+        StHeaderError::Invalid(reason) => bad(reason),
+    })?;
     Ok((
         Shard {
             file_name: file_name.to_string(),
@@ -484,6 +464,54 @@ fn open_shard(path: &Path, file_name: &str) -> Result<(Shard, ShardInfos), Sourc
         },
         infos,
     ))
+}
+
+/// What is wrong with a safetensors file's header.
+#[derive(Debug)]
+pub enum StHeaderError {
+    /// A tensor name listed twice.
+    Duplicate(String),
+    /// Anything else, in words naming the tensor at fault.
+    Invalid(String),
+}
+
+/// Parses and checks the header of a whole safetensors file held in `bytes`: the header length
+/// against [`MAX_SAFETENSORS_HEADER`] and the file, duplicate names, each entry and the tiling of
+/// the data (our own checks, whose messages name the tensor), then the `safetensors` crate's
+/// own parse. Returns each tensor with the absolute offset of the data section.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<ShardInfos, StHeaderError> {
+    let bad = StHeaderError::Invalid;
+    let len = bytes.len() as u64;
+    let Some(prefix) = bytes.get(..8) else {
+        return Err(bad(format!(
+            "the file is {len} bytes long, shorter than the 8-byte header length"
+        )));
+    };
+    let declared = u64::from_le_bytes(prefix.try_into().expect("8 bytes"));
+    if declared > MAX_SAFETENSORS_HEADER {
+        return Err(bad(format!(
+            "the header declares {declared} bytes (bytes 0..8), more than the {MAX_SAFETENSORS_HEADER} bytes this reader accepts; real checkpoints have headers of kilobytes to a few megabytes"
+        )));
+    }
+    let header_end = 8 + declared as usize;
+    let header = bytes.get(8..header_end).ok_or_else(|| {
+        bad(format!(
+            "the header declares {declared} bytes (bytes 0..8) but the file has {} after them; the file is truncated",
+            len - 8
+        ))
+    })?;
+    if let Some(name) = first_duplicate_key(header) {
+        return Err(StHeaderError::Duplicate(name));
+    }
+    check_st_header(header, len - header_end as u64).map_err(bad)?;
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let data_start = 8 + header_len;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone(), data_start))
+        .collect())
 }
 
 /// Bytes per element of a safetensors dtype name (the whole-byte ones).
