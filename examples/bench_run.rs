@@ -109,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     println!("threads          {}", rayon::current_num_threads());
     println!(
         "kernel           {}",
-        if bitnet_pack::run::kernels::has_avx2() {
+        if bitnet_pack::num::cpu::has_avx2() {
             "avx2"
         } else {
             "portable"

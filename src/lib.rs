@@ -13,6 +13,7 @@ pub mod export;
 pub mod format;
 pub mod fsio;
 pub mod model;
+pub mod num;
 pub mod pack;
 pub mod quant;
 pub mod run;

@@ -8,9 +8,9 @@ use bitnet_pack::format::{
     BpkFile, BpkWriter, Compression, Encoding, Provenance, QuantScheme, TensorPlan,
 };
 use bitnet_pack::model::{ModelConfig, Role};
+use bitnet_pack::num::FloatDtype;
+use bitnet_pack::num::dtype::encode_f32;
 use bitnet_pack::pack::TernaryLayout;
-use bitnet_pack::source::FloatDtype;
-use bitnet_pack::source::dtype::encode_f32;
 use proptest::prelude::*;
 
 fn config() -> ModelConfig {

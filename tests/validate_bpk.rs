@@ -99,7 +99,7 @@ fn rewrite(
 fn rehash(data: &[u8], header: &mut Header, index: usize) {
     let t = &header.tensors[index];
     let stored = &data[t.offset as usize..(t.offset + t.length) as usize];
-    header.tensors[index].sha256 = bitnet_pack::source::hex(&Sha256::digest(stored));
+    header.tensors[index].sha256 = bitnet_pack::num::digest::hex(&Sha256::digest(stored));
 }
 
 fn index_of(h: &Header, name: &str) -> usize {
@@ -355,7 +355,7 @@ fn zero_dimensions_are_reported_not_crashed_on() {
                 let i = index_of(h, Q0);
                 h.tensors[i].shape = shape.clone();
                 h.tensors[i].length = 0;
-                h.tensors[i].sha256 = bitnet_pack::source::hex(&Sha256::digest(b""));
+                h.tensors[i].sha256 = bitnet_pack::num::digest::hex(&Sha256::digest(b""));
             },
             |_, _| {},
         );

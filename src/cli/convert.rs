@@ -13,10 +13,10 @@ use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, wit
 use crate::compare::parity::{parity, random_tokens};
 use crate::convert::{ConvertError, ConvertOptions, convert_verified};
 use crate::format::{BpkFile, Storage};
+use crate::num::FloatDtype;
 use crate::pack::TernaryLayout;
 use crate::run::SourceMode;
 use crate::source::Checkpoint;
-use crate::source::FloatDtype;
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let opts = ConvertOptions {

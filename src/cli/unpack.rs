@@ -7,7 +7,7 @@ use anyhow::Context;
 use super::{UnpackArgs, UnpackDtype};
 use crate::export::unpack;
 use crate::format::BpkFile;
-use crate::source::FloatDtype;
+use crate::num::FloatDtype;
 
 pub fn run(a: UnpackArgs) -> anyhow::Result<ExitCode> {
     let file =

@@ -31,14 +31,16 @@ use super::{LogitsStats, PACKED_VS_QAT, Stats, Tolerances, compare, compare_logi
 use crate::format::BpkFile;
 use crate::format::header::QuantScheme;
 use crate::model::{ModelConfig, Role};
+use crate::num::FloatDtype;
+use crate::num::digest::sha256_file;
+use crate::num::dtype::{decode_f32, encode_f32};
 use crate::run::kernels::quantize_activation;
 use crate::run::packed::TernaryLinear;
 use crate::run::{
     AttentionState, InputError, KvCache, Linear, Probe, RunError, Site, SourceMode, Transformer,
     packed, source,
 };
-use crate::source::dtype::{decode_f32, encode_f32};
-use crate::source::{Checkpoint, FloatDtype, SourceError, SourceTensor, sha256_file};
+use crate::source::{Checkpoint, SourceError, SourceTensor};
 
 /// Version of the JSON report (`parity --json`); docs/parity.md describes it.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -211,7 +213,7 @@ pub fn check_pair(
         for f in &file.header.provenance.source_files {
             let path = ckpt.dir.join(&f.name);
             let actual = if path.exists() {
-                Some(sha256_file(&path)?)
+                Some(sha256_file(&path).map_err(SourceError::from)?)
             } else {
                 None
             };

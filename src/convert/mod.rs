@@ -20,15 +20,17 @@ use crate::format::{
     WriteError,
 };
 use crate::fsio::FileError;
+use crate::num::FloatDtype;
+use crate::num::digest::sha256_file;
+use crate::num::dtype::{decode_f32, encode_f32, first_non_finite};
 use crate::pack::TernaryLayout;
 use crate::quant::AbsmeanScale;
 use crate::quant::rows::{row_abs_sum, row_ternarize};
-use crate::source::dtype::{decode_f32, encode_f32, first_non_finite};
-use crate::source::{CONFIG_FILE, Checkpoint, FloatDtype, SourceError, SourceTensor, sha256_file};
+use crate::source::{CONFIG_FILE, Checkpoint, SourceError, SourceTensor};
 
 /// zstd level for `--compress`: fast, and the output is identical on every run.
 pub const ZSTD_LEVEL: i32 = 3;
-use crate::source::dtype::STREAM_CHUNK;
+use crate::num::dtype::STREAM_CHUNK;
 
 /// What to produce.
 #[derive(Debug, Clone)]

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use self::safetensors::{PlannedTensor, StWriteError, write_safetensors};
 use crate::format::{BpkFile, validate_bytes_into};
 use crate::fsio::FileError;
-use crate::source::FloatDtype;
-use crate::source::dtype::encode_f32;
+use crate::num::FloatDtype;
+use crate::num::dtype::encode_f32;
 
 /// Export failed; nothing was written at the target.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelConfig, Role};
+use crate::num::FloatDtype;
 use crate::pack::TernaryLayout;
-use crate::source::FloatDtype;
 
 /// The whole header.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

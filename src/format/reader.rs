@@ -313,7 +313,7 @@ impl BpkFile {
                 }
             }
         } else if let Some(dtype) = e.encoding.float() {
-            crate::source::dtype::decode_f32(dtype, &raw, &mut out);
+            crate::num::dtype::decode_f32(dtype, &raw, &mut out);
         }
         Ok(out)
     }

@@ -255,7 +255,7 @@ fn check_data(
     let Some(stored) = bytes.get(start as usize..end as usize).filter(|_| in_data) else {
         return (0, problems);
     };
-    let digest = crate::source::hex(&Sha256::digest(stored));
+    let digest = crate::num::digest::hex(&Sha256::digest(stored));
     if digest != e.sha256 {
         problems.push(FormatError::DataChecksum {
             name: e.name.clone(),
@@ -308,7 +308,7 @@ fn check_data(
 /// that the stream holds exactly `expected` bytes.
 fn scan_floats(
     name: &str,
-    dtype: crate::source::FloatDtype,
+    dtype: crate::num::FloatDtype,
     r: &mut dyn Read,
     expected: u64,
 ) -> Result<(), FormatError> {
@@ -344,7 +344,7 @@ fn scan_floats(
             )));
         }
         let n = filled / size;
-        crate::source::dtype::decode_f32(dtype, &buf[..filled], &mut vals[..n]);
+        crate::num::dtype::decode_f32(dtype, &buf[..filled], &mut vals[..n]);
         if let Some(i) = vals[..n].iter().position(|v| !v.is_finite()) {
             return Err(FormatError::NonFinite {
                 name: name.to_string(),

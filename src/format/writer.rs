@@ -194,7 +194,7 @@ impl BpkWriter {
         entry.scale = scale.map(f64::from);
         entry.offset = start;
         entry.length = written;
-        entry.sha256 = crate::source::hex(&digest);
+        entry.sha256 = crate::num::digest::hex(&digest);
         self.pos = start + written;
         self.next += 1;
         Ok(())

@@ -6,15 +6,15 @@
 //! comparisons. The output is therefore the same on every CPU and at every thread count.
 
 use super::absmean::{AbsmeanScale, abs_sum_f64};
+use crate::num::FloatDtype;
+use crate::num::dtype::decode_f32;
 use crate::pack::TernaryLayout;
-use crate::source::FloatDtype;
-use crate::source::dtype::decode_f32;
 
 /// Pass 1 for one row of `k = buf.len()` stored weights: the sum of `|w|` in f64, or the index
 /// within the row of the first NaN or infinity. `buf` is scratch space.
 pub fn row_abs_sum(dtype: FloatDtype, src: &[u8], buf: &mut [f32]) -> Result<f64, usize> {
     #[cfg(target_arch = "x86_64")]
-    if crate::run::kernels::has_avx2() {
+    if crate::num::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time just above).
         return unsafe { avx2::row_abs_sum(dtype, src, buf) };
     }
@@ -33,7 +33,7 @@ pub fn row_ternarize(
     dst: &mut [u8],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::run::kernels::has_avx2() {
+    if crate::num::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time just above).
         return unsafe { avx2::row_ternarize(dtype, src, scale, layout, buf, trits, dst) };
     }
@@ -102,7 +102,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::dtype::encode_f32;
+    use crate::num::dtype::encode_f32;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         crate::test_util::uniform(n, seed, -0.05, 0.05)

@@ -73,24 +73,12 @@ pub fn dot_trits_f32(layout: TernaryLayout, row: &[u8], x: &[f32]) -> f32 {
 pub fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2() {
+        if crate::num::cpu::has_avx2() {
             // SAFETY: the CPU supports AVX2 (checked at run time just above).
             return unsafe { avx2::dot(layout, row, q, q_sum, k) };
         }
     }
     dot_portable(layout, row, q, q_sum, k)
-}
-
-/// Whether the AVX2 kernels are used on this CPU.
-pub fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// Portable block kernel: `i2` rows are processed by whole blocks as `sum code * q - sum q`

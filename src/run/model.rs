@@ -12,8 +12,8 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::model::{Activation, ModelConfig, Role};
-use crate::source::FloatDtype;
-use crate::source::dtype::decode_f32;
+use crate::num::FloatDtype;
+use crate::num::dtype::decode_f32;
 
 /// A projection `y = x W^T` applied to `n` tokens at once (`x` is `[n, in]`, `y` is `[n, out]`).
 pub trait Linear: Sync {
@@ -109,7 +109,7 @@ fn reduce_lanes(mut acc: [f32; DOT_LANES], tail: impl Iterator<Item = f32>) -> f
 /// for bit: no fused multiply-add, same partial sums.
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2() {
+    if crate::num::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time just above).
         return unsafe { avx2::dot_f32(a, b) };
     }
@@ -144,7 +144,7 @@ fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot_row(dtype: FloatDtype, w: &[u8], x: &[f32]) -> f32 {
     debug_assert_eq!(w.len(), x.len() * dtype.size());
     #[cfg(target_arch = "x86_64")]
-    if super::kernels::has_avx2() {
+    if crate::num::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time just above).
         return unsafe { avx2::dot_row(dtype, w, x) };
     }
@@ -663,7 +663,7 @@ impl<L: Linear> Transformer<'_, L> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::dtype::encode_f32;
+    use crate::num::dtype::encode_f32;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         crate::test_util::uniform(n, seed, -2.0, 2.0)

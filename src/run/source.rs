@@ -14,8 +14,8 @@ use super::RunError;
 use super::kernels::ACT_QMAX;
 use super::model::{Block, FloatMatrix, Linear, Transformer};
 use crate::model::Role;
+use crate::num::dtype::{decode_f32, first_non_finite};
 use crate::quant::{ACTIVATION_EPS, AbsmeanScale, abs_sum_f64, round_clamp};
-use crate::source::dtype::{decode_f32, first_non_finite};
 use crate::source::{Checkpoint, SourceTensor};
 
 /// How the source checkpoint is executed.

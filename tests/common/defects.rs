@@ -10,9 +10,9 @@ use std::path::Path;
 use bitnet_pack::format::header::{ActivationRule, Header};
 use bitnet_pack::format::{BpkFile, BpkWriter, TensorPlan};
 use bitnet_pack::model::{Activation, Family, Role};
+use bitnet_pack::num::dtype::decode_f32;
 use bitnet_pack::quant::{AbsmeanScale, abs_sum_f64};
 use bitnet_pack::source::Checkpoint;
-use bitnet_pack::source::dtype::decode_f32;
 
 /// The kinds of defect the parity verdict must catch (issue: "a parity verdict that can be
 /// trusted").
