@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         .map(|i| (i * 7919) % cfg.vocab_size as u32)
         .collect();
 
-    let mut cache = KvCache::new(cfg);
+    let mut cache = KvCache::for_model(&model);
     let t = Instant::now();
     let out = model
         .forward(&tokens, &mut cache, false)

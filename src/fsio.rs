@@ -42,6 +42,8 @@ pub enum FileError {
     TargetIsInput { path: PathBuf, input: PathBuf },
     #[error("{dir} does not exist or is not a directory; create it first")]
     NoDirectory { dir: PathBuf },
+    #[error("{path} exists and is not an empty directory; choose a new directory")]
+    DirNotEmpty { path: PathBuf },
 }
 
 /// An `io::Error` in words, without the "(os error N)" suffix for the common kinds.
@@ -213,12 +215,25 @@ pub fn install_interrupt_cleanup() {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 for path in in_flight().values() {
-                    let _ = std::fs::remove_file(path);
+                    remove_temp(path);
                 }
                 std::process::exit(128 + sig);
             }
         });
     });
+}
+
+/// Removes a temporary file or directory of ours.
+fn remove_temp(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
 }
 
 /// The prefix of temporary files for `target`: `.<name>.`.
@@ -254,9 +269,11 @@ pub fn remove_stale_temps(target: &Path) -> Vec<PathBuf> {
         let gone = pid > 0
             && unsafe { libc::kill(pid, 0) } == -1
             && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone && entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+        let kind = entry.file_type();
+        if gone && kind.map(|t| t.is_file() || t.is_dir()).unwrap_or(false) {
             let path = entry.path();
-            if std::fs::remove_file(&path).is_ok() {
+            remove_temp(&path);
+            if std::fs::symlink_metadata(&path).is_err() {
                 removed.push(path);
             }
         }
@@ -358,6 +375,96 @@ impl AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
+        in_flight().remove(&self.id);
+    }
+}
+
+/// A directory being filled beside its target directory, renamed onto it by
+/// [`AtomicDir::persist`]; dropped without persisting, or interrupted, it is removed with its
+/// contents. The target must not exist, or be an empty directory.
+pub struct AtomicDir {
+    tmp: Option<PathBuf>,
+    target: PathBuf,
+    id: u64,
+}
+
+impl AtomicDir {
+    /// Checks the target (its parent exists; it is absent or an empty directory; it is not
+    /// `input_dir`) and creates the temporary directory.
+    pub fn create(target: &Path, input_dir: &Path) -> Result<Self, FileError> {
+        let parent = parent_dir(target);
+        match std::fs::metadata(&parent) {
+            Ok(m) if m.is_dir() => {}
+            _ => return Err(FileError::NoDirectory { dir: parent }),
+        }
+        if let Some(m) = stat(target)? {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(im) = std::fs::metadata(input_dir)
+                && im.dev() == m.dev()
+                && im.ino() == m.ino()
+            {
+                return Err(FileError::TargetIsInput {
+                    path: target.to_path_buf(),
+                    input: input_dir.to_path_buf(),
+                });
+            }
+            let empty_dir = m.is_dir()
+                && std::fs::read_dir(target)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+            if !empty_dir {
+                return Err(FileError::DirNotEmpty {
+                    path: target.to_path_buf(),
+                });
+            }
+        }
+        // Leftovers of a killed earlier run into the same target.
+        remove_stale_temps(target);
+        let tmp = parent.join(format!(
+            "{}{}.{}.tmp",
+            temp_prefix(target),
+            std::process::id(),
+            NEXT_ID.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&tmp).map_err(|e| FileError::io(&tmp, e))?;
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        in_flight().insert(id, tmp.clone());
+        Ok(AtomicDir {
+            tmp: Some(tmp),
+            target: target.to_path_buf(),
+            id,
+        })
+    }
+
+    /// Where files go until the directory is persisted.
+    pub fn path(&self) -> &Path {
+        self.tmp.as_deref().expect("present until persisted")
+    }
+
+    /// Renames the directory onto the target (replacing an empty directory).
+    pub fn persist(mut self) -> Result<(), FileError> {
+        let tmp = self.tmp.take().expect("present until persisted");
+        if let Ok(m) = std::fs::symlink_metadata(&self.target)
+            && m.is_dir()
+        {
+            // Empty (checked at creation; remove_dir refuses otherwise).
+            std::fs::remove_dir(&self.target).map_err(|e| FileError::io(&self.target, e))?;
+        }
+        let result =
+            std::fs::rename(&tmp, &self.target).map_err(|e| FileError::io(&self.target, e));
+        if result.is_err() {
+            remove_temp(&tmp);
+        }
+        in_flight().remove(&self.id);
+        result
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            remove_temp(&tmp);
+        }
         in_flight().remove(&self.id);
     }
 }

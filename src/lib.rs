@@ -18,6 +18,7 @@ pub mod pack;
 pub mod quant;
 pub mod run;
 pub mod source;
+pub mod transform;
 
 /// Helpers shared by unit tests.
 #[cfg(test)]

@@ -359,6 +359,7 @@ fn options() -> ConvertOptions {
         keep: None,
         compress: false,
         force: false,
+        scheme: Default::default(),
     }
 }
 

@@ -6,6 +6,7 @@ mod common;
 
 use bitnet_pack::compare::{GOLDEN_LOGITS, compare_logits};
 use bitnet_pack::format::BpkFile;
+use bitnet_pack::format::header::QuantScheme;
 use bitnet_pack::run::{KvCache, SourceMode, packed, source};
 use bitnet_pack::source::Checkpoint;
 use common::*;
@@ -63,7 +64,7 @@ fn packed_and_qat_paths_match_transformers_and_fp_does_not() {
             let file = BpkFile::open(&bpk).unwrap();
             let model = packed::load(&file).unwrap();
             let out = model
-                .forward(&qat.tokens, &mut KvCache::new(&ckpt.config), false)
+                .forward(&qat.tokens, &mut KvCache::for_model(&model), false)
                 .unwrap();
             let s = compare_logits(&qat.logits, &out.logits, vocab, 10.0);
             println!(
@@ -79,8 +80,8 @@ fn packed_and_qat_paths_match_transformers_and_fp_does_not() {
             );
         }
         let run = |mode, tokens: &[u32]| {
-            let m = source::load(&ckpt, mode).unwrap();
-            m.forward(tokens, &mut KvCache::new(&ckpt.config), false)
+            let m = source::load(&ckpt, mode, &QuantScheme::bitnet_b158()).unwrap();
+            m.forward(tokens, &mut KvCache::for_model(&m), false)
                 .unwrap()
                 .logits
         };
@@ -121,10 +122,10 @@ fn incremental_decoding_equals_prefill() {
     let model = packed::load(&file).unwrap();
     let tokens = golden("tiny-2b4t-qat", "qat").tokens;
     let full = model
-        .forward(&tokens, &mut KvCache::new(&model.config), false)
+        .forward(&tokens, &mut KvCache::for_model(&model), false)
         .unwrap()
         .logits;
-    let mut cache = KvCache::new(&model.config);
+    let mut cache = KvCache::for_model(&model);
     let mut step = Vec::new();
     for t in &tokens {
         step.extend(model.forward(&[*t], &mut cache, false).unwrap().logits);

@@ -124,8 +124,12 @@ fn each_kind_of_damage_is_named() {
     b[8] = 2;
     expect(b, "UnsupportedVersion");
     let mut b = clean.clone();
-    b[12] = 1;
+    b[12] = 2;
     expect(b, "UnknownFlags");
+    // Bit 0 is known (an extended scheme), but this file's scheme is plain b1.58.
+    let mut b = clean.clone();
+    b[12] = 1;
+    expect(b, "FlagMismatch");
     let mut b = clean.clone();
     b[0] = b'G';
     expect(b, "BadMagic");

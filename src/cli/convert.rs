@@ -11,6 +11,7 @@ use std::path::Path;
 use super::parity::DEFAULT_RANDOM_TOKENS;
 use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, with_threads};
 use crate::compare::parity::{parity, random_tokens};
+use crate::convert::scheme::{SchemeOptions, parse_sites};
 use crate::convert::{ConvertError, ConvertOptions, convert_verified};
 use crate::format::{BpkFile, Storage};
 use crate::num::FloatDtype;
@@ -32,6 +33,14 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         },
         compress: a.compress,
         force: a.force,
+        scheme: SchemeOptions {
+            activations: a.activations.clone(),
+            online_hadamard: a.online_hadamard.as_deref().map(parse_sites).transpose()?,
+            kv_bits: a.kv_bits,
+            q_bits: a.q_bits,
+            rotate_seed: a.rotate.map(|_| a.seed),
+            force_requantize: a.force_requantize,
+        },
     };
     // The bar's length is set once the checkpoint is open; until then it shows a spinner.
     let bar = ProgressBar::with_draw_target(
@@ -117,6 +126,17 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             secs,
             human_bytes((summary.source_tensor_bytes as f64 / secs.max(1e-9)) as u64),
         );
+        if let Some(r) = &h.quantization.residual_rotation {
+            eprintln!(
+                "rotated: randomized Hadamard (seed {}) folded into the weights before ternarization, with online Hadamard transforms at {}. In full precision this computes the same function; under BitNet's quantizers it does not: the folded norm gains and the rotation change what each activation quantizer sees, the rotated weights are ternarized anew, and the sub-norm gains in front of o_proj and down_proj stay in place (they cannot be folded across an activation quantizer).",
+                r.seed,
+                r.online
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            );
+        }
         if let Some((n, rel_l2, top1)) = *verified.lock().unwrap_or_else(|e| e.into_inner()) {
             eprintln!(
                 "verified: packed vs source (qat) on {n} random tokens, every block and projection locally: PASS (end to end: logits rel L2 {rel_l2:.2e}, top-1 agreement {:.1}%)",

@@ -7,6 +7,7 @@
 mod convert;
 mod inspect;
 mod parity;
+mod rotate;
 mod run;
 mod unpack;
 mod validate;
@@ -56,6 +57,26 @@ pub enum Command {
     Run(RunArgs),
     /// Compare a packed file with its source checkpoint, block by block and at the logits.
     Parity(ParityArgs),
+    /// Write an HF checkpoint with its residual stream rotated (same function in full precision).
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    /// The source HF model directory.
+    pub src: PathBuf,
+    /// A new (or empty) output directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Seed of the rotation's random signs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Element type of the tensors written.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: KeepArg,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// How a source checkpoint is executed.
@@ -180,6 +201,39 @@ pub struct ConvertArgs {
     /// After writing, run parity (packed vs source in qat mode) and fail if it does not pass.
     #[arg(long)]
     pub verify: bool,
+    /// Activation quantizer: a8, a4, none, or per site, e.g. qkv=a4,o=a8,gate_up=a4,down=a8
+    /// (default: config.json's `activation_scheme`, else a8).
+    #[arg(long, value_name = "SPEC")]
+    pub activations: Option<String>,
+    /// Projections whose input gets an online Hadamard transform before it is quantized
+    /// (BitNet v2 H-BitLinear), e.g. o_proj,down_proj, or none (default: config.json's
+    /// `online_hadamard`).
+    #[arg(long, value_name = "SITES")]
+    pub online_hadamard: Option<String>,
+    /// Quantize the attention keys and values kept in the cache to 8, 4 or 3 bits.
+    #[arg(long, value_name = "BITS")]
+    pub kv_bits: Option<u8>,
+    /// Quantize the attention queries to 8 or 4 bits.
+    #[arg(long, value_name = "BITS")]
+    pub q_bits: Option<u8>,
+    /// Rotate the residual stream before ternarization (QuaRot-style: norm gains folded, a
+    /// seeded randomized Hadamard, online Hadamards at o_proj and down_proj inputs).
+    #[arg(long, value_enum)]
+    pub rotate: Option<RotateArg>,
+    /// Seed of --rotate's random signs.
+    #[arg(long, default_value_t = 0, requires = "rotate")]
+    pub seed: u64,
+    /// Allow --rotate on a checkpoint trained with BitNet quantization (its trained
+    /// ternarization is lost: the rotated weights are ternarized again).
+    #[arg(long, requires = "rotate")]
+    pub force_requantize: bool,
+}
+
+/// A rotation to fold into the weights.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RotateArg {
+    /// Randomized Hadamard `Q = diag(s) H^T / sqrt(n)` (formats/bpk.md §9).
+    Hadamard,
 }
 
 #[derive(Debug, clap::Args)]
@@ -227,6 +281,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Unpack(a) => unpack::run(a),
         Command::Run(a) => run::run(a),
         Command::Parity(a) => parity::run(a),
+        Command::Rotate(a) => rotate::run(a),
     }
 }
 

@@ -33,7 +33,10 @@ fn dispatch(a: &RunArgs) -> anyhow::Result<ExitCode> {
             ModeArg::Qat => source::SourceMode::Qat,
             ModeArg::Fp => source::SourceMode::Fp,
         };
-        let model = source::load(&ckpt, mode)
+        // The training forward the checkpoint declares (config.json's BitNet v2 keys, if any).
+        let scheme = crate::convert::scheme::scheme(&ckpt.config, &Default::default())
+            .with_context(|| format!("could not read the scheme of {}", a.model.display()))?;
+        let model = source::load(&ckpt, mode, &scheme)
             .with_context(|| format!("could not load {}", a.model.display()))?;
         execute(a, &model, &ckpt.dir)
     } else {
@@ -82,7 +85,7 @@ fn run_tokens<L: Linear>(
     model: &Transformer<'_, L>,
     tokens: &[u32],
 ) -> anyhow::Result<ExitCode> {
-    let out = model.forward(tokens, &mut KvCache::new(&model.config), false)?;
+    let out = model.forward(tokens, &mut KvCache::for_model(model), false)?;
     let vocab = model.config.vocab_size;
     if let Some(path) = &a.logits_json {
         let doc = LogitsJson {
@@ -146,7 +149,7 @@ fn generate<L: Linear>(
     // the model has): check that it fits before starting.
     let positions = (prompt_ids.len() + a.max_new_tokens).min(model.config.max_position_embeddings);
     crate::run::budget::check(&model.config, 1, positions, false)?;
-    let mut cache = KvCache::new(&model.config);
+    let mut cache = KvCache::for_model(model);
     let mut logits = model.forward(&prompt_ids, &mut cache, false)?.logits;
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();

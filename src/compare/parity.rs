@@ -28,19 +28,22 @@
 use serde::Serialize;
 
 use super::{LogitsStats, PACKED_VS_QAT, Stats, Tolerances, compare, compare_logits};
+use crate::convert::scheme::{self, SchemeOptions};
+use crate::convert::{Job, jobs};
 use crate::format::BpkFile;
 use crate::format::header::QuantScheme;
+use crate::format::header::same_quantizer;
 use crate::model::{ModelConfig, Role};
 use crate::num::FloatDtype;
 use crate::num::digest::sha256_file;
 use crate::num::dtype::{decode_f32, encode_f32};
-use crate::run::kernels::quantize_activation;
+use crate::quant::ActQuant;
 use crate::run::packed::TernaryLinear;
 use crate::run::{
-    AttentionState, InputError, KvCache, Linear, Probe, RunError, Site, SourceMode, Transformer,
-    packed, source,
+    InputError, KvCache, Linear, Probe, RunError, Site, SourceMode, Transformer, packed, source,
 };
 use crate::source::{Checkpoint, SourceError, SourceTensor};
+use crate::transform::Rotation;
 
 /// Version of the JSON report (`parity --json`); docs/parity.md describes it.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -238,10 +241,10 @@ pub fn check_pair(
 
 /// What the file declares that the source does not imply: config fields, the quantization
 /// scheme, missing or extra tensors and roles.
-pub fn declarations(ckpt: &Checkpoint, file: &BpkFile) -> Vec<String> {
+pub fn declarations(file: &BpkFile, expected: &Expected) -> Vec<String> {
     let mut out = Vec::new();
     let (a, b) = (
-        serde_json::to_value(&ckpt.config).unwrap_or_default(),
+        serde_json::to_value(&expected.model).unwrap_or_default(),
         serde_json::to_value(&file.header.model).unwrap_or_default(),
     );
     if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
@@ -253,62 +256,135 @@ pub fn declarations(ckpt: &Checkpoint, file: &BpkFile) -> Vec<String> {
                     v.map_or_else(|| "absent".to_string(), |v| v.to_string())
                 };
                 out.push(format!(
-                    "model config `{k}`: source {}, packed {}",
+                    "model config `{k}`: the source implies {}, packed {}",
                     show(x),
                     show(y)
                 ));
             }
         }
     }
-    let expected = QuantScheme::bitnet_b158();
-    let q = &file.header.quantization;
-    if q.weights != expected.weights {
+    let (want, q) = (&expected.scheme, &file.header.quantization);
+    if q.weights != want.weights {
         out.push(format!(
             "weight quantization: the source implies {:?}, the file declares {:?}",
-            expected.weights, q.weights
+            want.weights, q.weights
         ));
     }
-    if q.activations != expected.activations {
+    for role in Role::PROJECTIONS {
+        let (w, g) = (want.activation_of(role), q.activation_of(role));
+        if !same_quantizer(w, g) {
+            out.push(format!(
+                "activation quantization of {}: the source implies {}, the file declares {}",
+                role.as_str(),
+                describe(w),
+                describe(g)
+            ));
+        }
+    }
+    let sites = |q: &QuantScheme| {
+        let mut v: Vec<String> = q
+            .online_rotations
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}{}",
+                    s.transform,
+                    s.role.as_str(),
+                    s.layer
+                        .map(|l| format!(" of block {l}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    if sites(want) != sites(q) {
         out.push(format!(
-            "activation quantization: the source implies {:?}, the file declares {:?}",
-            expected.activations, q.activations
+            "online transforms: the source implies {:?}, the file declares {:?}",
+            sites(want),
+            sites(q)
         ));
     }
-    if q.online_rotations != expected.online_rotations {
+    if want.attention != q.attention {
         out.push(format!(
-            "online rotations: the source implies {:?}, the file declares {:?}",
-            expected.online_rotations, q.online_rotations
+            "attention states: the source implies {:?}, the file declares {:?}",
+            want.attention, q.attention
         ));
     }
-    for t in &ckpt.tensors {
-        match file.tensor(&t.spec.name) {
-            None => out.push(format!(
-                "tensor `{}` is not in the packed file",
-                t.spec.name
-            )),
-            Some(e) if e.role != t.spec.role => out.push(format!(
-                "tensor `{}` has role {} in the packed file, {} in the source",
-                t.spec.name,
+    if want.residual_rotation != q.residual_rotation {
+        out.push(format!(
+            "residual rotation: the source implies {:?}, the file declares {:?}",
+            want.residual_rotation, q.residual_rotation
+        ));
+    }
+    for job in &expected.tensors {
+        let name = &job.spec.name;
+        match file.tensor(name) {
+            None => out.push(format!("tensor `{name}` is not in the packed file")),
+            Some(e) if e.role != job.spec.role => out.push(format!(
+                "tensor `{name}` has role {} in the packed file, {} in the source",
                 e.role.as_str(),
-                t.spec.role.as_str()
+                job.spec.role.as_str()
             )),
-            Some(e) if e.encoding.ternary().is_some() != t.spec.role.is_ternary() => {
+            Some(e) if e.encoding.ternary().is_some() != job.spec.role.is_ternary() => {
                 out.push(format!(
-                    "tensor `{}` is stored as {}, but its role is {}",
-                    t.spec.name,
+                    "tensor `{name}` is stored as {}, but its role is {}",
                     e.encoding.as_str(),
-                    t.spec.role.as_str()
+                    job.spec.role.as_str()
                 ))
             }
             Some(_) => {}
         }
     }
     for e in &file.header.tensors {
-        if !ckpt.tensors.iter().any(|t| t.spec.name == e.name) {
+        if !expected.tensors.iter().any(|j| j.spec.name == e.name) {
             out.push(format!("tensor `{}` is not in the source", e.name));
         }
     }
     out
+}
+
+/// An activation scheme in words.
+fn describe(a: &crate::format::header::ActivationScheme) -> String {
+    a.quantizer()
+        .map(|q| q.name().to_string())
+        .unwrap_or_else(|e| e)
+}
+
+/// What the file should be, derived from the source and the conversion options it records.
+pub struct Expected<'a> {
+    pub options: SchemeOptions,
+    pub scheme: QuantScheme,
+    pub model: ModelConfig,
+    pub tensors: Vec<Job<'a>>,
+    pub rotation: Option<Rotation>,
+}
+
+impl<'a> Expected<'a> {
+    /// Derives it; an option the file records that cannot be honoured is a mismatch.
+    pub fn derive(ckpt: &'a Checkpoint, file: &BpkFile) -> Result<Self, ParityError> {
+        let mismatch = |reason: String| ParityError::Mismatch { reason };
+        let options = SchemeOptions::from_record(&file.header.provenance.options)
+            .map_err(|e| mismatch(e.to_string()))?;
+        let scheme = scheme::scheme(&ckpt.config, &options).map_err(|e| mismatch(e.to_string()))?;
+        let model = scheme::converted_model(&ckpt.config, &options);
+        let tensors = jobs(ckpt, &model).map_err(|e| mismatch(e.to_string()))?;
+        let rotation = match &scheme.residual_rotation {
+            Some(r) => Some(
+                Rotation::new(&ckpt.config, r.seed, &r.online)
+                    .map_err(|e| mismatch(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Expected {
+            options,
+            scheme,
+            model,
+            tensors,
+            rotation,
+        })
+    }
 }
 
 /// Bits of precision of a float element type.
@@ -320,71 +396,138 @@ fn precision_bits(d: FloatDtype) -> i32 {
     }
 }
 
-/// Compares every float tensor of the file with the source's values rounded to the stored type.
-pub fn check_floats(ckpt: &Checkpoint, file: &BpkFile) -> Result<FloatCheck, ParityError> {
+/// Compares every float tensor of the file with the source's values (rotated, if the
+/// conversion rotated) rounded to the stored type.
+pub fn check_floats(
+    ckpt: &Checkpoint,
+    file: &BpkFile,
+    expected: &Expected<'_>,
+) -> Result<FloatCheck, ParityError> {
     let mut check = FloatCheck::default();
-    for t in ckpt.tensors.iter().filter(|t| !t.spec.role.is_ternary()) {
-        let Some(e) = file.tensor(&t.spec.name) else {
+    for job in expected
+        .tensors
+        .iter()
+        .filter(|j| !j.spec.role.is_ternary())
+    {
+        let Some(e) = file.tensor(&job.spec.name) else {
             continue;
         };
         let Some(stored) = e.encoding.float() else {
             continue;
         };
         check.tensors += 1;
-        // Only a widening (or no conversion) is exact; f16's narrower exponent range rounds
-        // small bf16 values too.
-        if stored != t.dtype && stored != FloatDtype::F32 {
+        let t = job.source;
+        // Only a widening (or no conversion) of source values is exact; f16's narrower exponent
+        // range rounds small bf16 values too; rotated values are f32 whatever the source.
+        let from = if expected.rotation.is_some() {
+            FloatDtype::F32
+        } else {
+            t.dtype
+        };
+        if stored != from && stored != FloatDtype::F32 {
             check.narrowing = check.narrowing.max(2f64.powi(-precision_bits(stored)));
         }
         let raw = file.raw(e)?;
-        if let Some(m) = first_float_mismatch(ckpt, t, stored, &raw) {
-            check.mismatches.push(m);
-        }
+        let mismatch = match &expected.rotation {
+            None => first_float_mismatch(ckpt, t, &job.spec.name, stored, &raw),
+            Some(rot) => {
+                let gain =
+                    crate::convert::gain_of(ckpt, job.spec.role, job.spec.layer).map_err(|e| {
+                        ParityError::Mismatch {
+                            reason: e.to_string(),
+                        }
+                    })?;
+                let mut tally = Tally::new(&job.spec.name, stored);
+                crate::convert::rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |start, v| {
+                    let ps = stored.size();
+                    let p = raw.get(start * ps..(start + v.len()) * ps).unwrap_or(&[]);
+                    tally.add(start, v, p);
+                    Ok(())
+                })
+                .map_err(|e| ParityError::Mismatch {
+                    reason: e.to_string(),
+                })?;
+                tally.found
+            }
+        };
+        check.mismatches.extend(mismatch);
     }
     Ok(check)
+}
+
+/// Counts stored values that differ from the expected ones rounded to the stored type.
+struct Tally<'n> {
+    name: &'n str,
+    stored: FloatDtype,
+    found: Option<FloatMismatch>,
+    enc: Vec<u8>,
+}
+
+impl<'n> Tally<'n> {
+    fn new(name: &'n str, stored: FloatDtype) -> Self {
+        Tally {
+            name,
+            stored,
+            found: None,
+            enc: Vec::new(),
+        }
+    }
+
+    /// `values` (expected, f32) against `packed` (stored bytes), starting at element `start`.
+    fn add(&mut self, start: usize, values: &[f32], packed: &[u8]) {
+        let ps = self.stored.size();
+        self.enc.clear();
+        encode_f32(self.stored, values, &mut self.enc);
+        if self.enc == packed {
+            return;
+        }
+        for (i, a) in self.enc.chunks_exact(ps).enumerate() {
+            let b = packed.get(i * ps..(i + 1) * ps).unwrap_or(&[]);
+            if a != b {
+                let mut back = [0f32];
+                if b.len() == ps {
+                    decode_f32(self.stored, b, &mut back);
+                } else {
+                    back[0] = f32::NAN;
+                }
+                let m = self.found.get_or_insert(FloatMismatch {
+                    name: self.name.to_string(),
+                    count: 0,
+                    first_index: (start + i) as u64,
+                    source_value: values[i],
+                    packed_value: back[0],
+                });
+                m.count += 1;
+            }
+        }
+    }
 }
 
 fn first_float_mismatch(
     ckpt: &Checkpoint,
     t: &SourceTensor,
+    name: &str,
     stored: FloatDtype,
     raw: &[u8],
 ) -> Option<FloatMismatch> {
     const CHUNK: usize = 1 << 16;
     let src = ckpt.bytes(t);
     let (ss, ps) = (t.dtype.size(), stored.size());
-    let (mut vals, mut enc, mut back) = (vec![0f32; CHUNK], Vec::new(), vec![0f32; CHUNK]);
-    let mut found: Option<FloatMismatch> = None;
+    let mut vals = vec![0f32; CHUNK];
+    let mut tally = Tally::new(name, stored);
     for (c, (s, p)) in src
         .chunks(CHUNK * ss)
         .zip(raw.chunks(CHUNK * ps))
         .enumerate()
     {
-        let n = s.len() / ss;
         if t.dtype == stored && s == p {
             continue;
         }
+        let n = s.len() / ss;
         decode_f32(t.dtype, s, &mut vals[..n]);
-        enc.clear();
-        encode_f32(stored, &vals[..n], &mut enc);
-        if enc == p {
-            continue;
-        }
-        decode_f32(stored, p, &mut back[..n.min(p.len() / ps)]);
-        for (i, (a, b)) in enc.chunks_exact(ps).zip(p.chunks_exact(ps)).enumerate() {
-            if a != b {
-                let m = found.get_or_insert(FloatMismatch {
-                    name: t.spec.name.clone(),
-                    count: 0,
-                    first_index: (c * CHUNK + i) as u64,
-                    source_value: vals[i],
-                    packed_value: back[i],
-                });
-                m.count += 1;
-            }
-        }
+        tally.add(c * CHUNK, &vals[..n], p);
     }
-    found
+    tally.found
 }
 
 /// Records the input and output of every projection a forward shows it.
@@ -406,16 +549,24 @@ impl Recorder {
             .find(|(s, _, _)| s.role == role)
             .map(|(_, i, _)| i.as_slice())
     }
+
+    fn output(&self, role: Role) -> Option<&[f32]> {
+        self.calls
+            .iter()
+            .find(|(s, _, _)| s.role == role)
+            .map(|(_, _, o)| o.as_slice())
+    }
 }
 
-/// Quantizes both inputs (`[n, k]`) per token with the int8 rule and counts the differences.
-fn flip_stats(reference: &[f32], candidate: &[f32], k: usize) -> FlipStats {
+/// Quantizes both inputs (`[n, k]`) per token with the site's quantizer and counts the
+/// differences.
+fn flip_stats(act: ActQuant, reference: &[f32], candidate: &[f32], k: usize) -> FlipStats {
     let mut st = FlipStats::default();
     let (mut qr, mut qc) = (vec![0i8; k], vec![0i8; k]);
     let mut scaled = Vec::with_capacity(reference.len());
     for (r, c) in reference.chunks_exact(k).zip(candidate.chunks_exact(k)) {
-        let sr = quantize_activation(r, &mut qr);
-        let sc = quantize_activation(c, &mut qc);
+        let sr = act.quantize(r, &mut qr);
+        let sc = act.quantize(c, &mut qc);
         for e in 0..k {
             let (vr, vc) = (r[e] * sr, c[e] * sc);
             st.max_shift = st.max_shift.max(f64::from((vc - vr).abs()));
@@ -444,13 +595,14 @@ pub fn parity(
 ) -> Result<ParityReport, ParityError> {
     check_pair(ckpt, file, check_provenance)?;
     crate::run::budget::check(&ckpt.config, tokens.len(), 0, true).map_err(InputError::from)?;
-    let declarations = declarations(ckpt, file);
-    let floats = check_floats(ckpt, file)?;
+    let expected = Expected::derive(ckpt, file)?;
+    let declarations = declarations(file, &expected);
+    let floats = check_floats(ckpt, file, &expected)?;
     let packed_model = packed::load(file)?;
     // The reference of the local checks: the source model, with the file's float tensors where
     // they are exactly the source's rounded to the type the file declares (so that a `--keep`
     // conversion does not blur the checks of the ternary arithmetic; its cost shows end to end).
-    let mut reference = source::load(ckpt, against)?;
+    let mut reference = source::load(ckpt, against, &expected.scheme)?;
     let adopted = adopt_floats(&mut reference, &packed_model, file, &floats);
     let tolerances = (against == SourceMode::Qat).then_some(PACKED_VS_QAT);
     let margin = PACKED_VS_QAT.top1_margin_rms;
@@ -459,20 +611,34 @@ pub fn parity(
     let n = tokens.len();
     let mut x = reference.embed(tokens, 0)?;
     let embedding = compare(&x, &packed_model.embed(tokens, 0)?, h);
-    let free = packed_model.forward(tokens, &mut KvCache::new(&file.header.model), true)?;
+    let free = packed_model.forward(tokens, &mut KvCache::for_model(&packed_model), true)?;
     let (inv_r, inv_p) = (reference.rope_inv_freq(), packed_model.rope_inv_freq());
     let mut blocks = Vec::with_capacity(ckpt.config.num_layers);
-    let mut reference_hidden = Vec::with_capacity(ckpt.config.num_layers);
     for layer in 0..free.hidden.len() {
         let (mut rs, mut rp) = (Recorder::default(), Recorder::default());
-        let new_state = |c: &ModelConfig| AttentionState::new(c.num_kv_heads, c.head_dim);
-        let att_r =
-            reference.attention_update(layer, &x, n, &mut new_state(&ckpt.config), &inv_r, &mut rs);
-        let att_p = packed_model.attention_update(
+        let att_r = reference.attention_update(
             layer,
             &x,
             n,
-            &mut new_state(&file.header.model),
+            &mut reference.new_attention_state(),
+            &inv_r,
+            &mut rs,
+        );
+        // The packed attention core runs on the reference's q/k/v outputs (each projection is
+        // checked on its own below), so that a key or value code that rounds differently in the
+        // two paths does not blur the check of the core and of o_proj.
+        let recorded = |role| {
+            rs.output(role)
+                .expect("the reference ran q, k and v")
+                .to_vec()
+        };
+        let att_p = packed_model.attention_output(
+            layer,
+            recorded(Role::QProj),
+            recorded(Role::KProj),
+            recorded(Role::VProj),
+            n,
+            &mut packed_model.new_attention_state(),
             &inv_p,
             &mut rp,
         );
@@ -496,7 +662,9 @@ pub fn parity(
                     role: site.role,
                     output: compare(output, &y, lin.out_dim()),
                     input: compare(input, packed_input, k),
-                    flips: (against == SourceMode::Qat).then(|| flip_stats(input, packed_input, k)),
+                    flips: Some(reference.plan.act_of(site.role))
+                        .filter(|a| a.is_quantized())
+                        .map(|a| flip_stats(a, input, packed_input, k)),
                 }
             })
             .collect();
@@ -512,9 +680,6 @@ pub fn parity(
             block.failures = block_failures(&block, t);
         }
         blocks.push(block);
-        if adopted {
-            reference_hidden.push(x.clone());
-        }
     }
     let reference_logits = reference.head(&x, n);
     let head = compare(
@@ -524,8 +689,8 @@ pub fn parity(
     );
     // End to end against the source itself (its own floats).
     let source_logits = if adopted {
-        let pure =
-            source::load(ckpt, against)?.forward(tokens, &mut KvCache::new(&ckpt.config), true)?;
+        let pure_model = source::load(ckpt, against, &expected.scheme)?;
+        let pure = pure_model.forward(tokens, &mut KvCache::for_model(&pure_model), true)?;
         for (b, hs) in blocks.iter_mut().zip(&pure.hidden) {
             b.end_to_end = compare(hs, &free.hidden[b.layer], h);
         }
@@ -735,15 +900,9 @@ fn verdict(r: &ParityReport) -> Verdict {
 
 /// `n` pseudo-random token ids below `vocab`, reproducible from `seed` (SplitMix64).
 pub fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
-    let mut state = seed;
+    let mut rng = crate::num::SplitMix64(seed);
     (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) % vocab as u64) as u32
-        })
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
         .collect()
 }
 
@@ -758,12 +917,15 @@ mod tests {
         let r = [127.0f32, 10.5, 0.25, -0.5];
         let mut c = r;
         c[1] = f32::from_bits(r[1].to_bits() + 1); // one ulp up: rounds to 11 instead of 10
-        let st = flip_stats(&r, &c, k);
+        let a8 = ActQuant::Absmax8 {
+            eps: crate::quant::ACTIVATION_EPS,
+        };
+        let st = flip_stats(a8, &r, &c, k);
         assert_eq!(st.activations, 4);
         assert_eq!(st.flipped, 1);
         assert!(st.near_boundary >= 1);
         assert!(st.max_shift < 1e-5);
-        let same = flip_stats(&r, &r, k);
+        let same = flip_stats(a8, &r, &r, k);
         assert_eq!((same.flipped, same.max_shift), (0, 0.0));
     }
 }

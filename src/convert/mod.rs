@@ -1,5 +1,8 @@
 //! Convert: the pipeline from a checkpoint to a .bpk file.
 //!
+//! Source -> (transform: fold a residual rotation and online Hadamards into the weights, in f32,
+//! only when asked) -> ternarize -> pack -> write.
+//!
 //! Tensors are processed one at a time in canonical order, straight from the memory-mapped
 //! source: a ternary projection is decoded row by row (never the whole tensor in f32), summed
 //! in f64 for its absmean scale, then ternarized and packed in a second pass over the rows;
@@ -7,6 +10,9 @@
 //! the rayon pool the caller installs; every reduction has a fixed order, so the output is
 //! byte-identical whatever the thread count. The source files are hashed for provenance on a
 //! separate thread while the conversion runs.
+
+pub mod rotate;
+pub mod scheme;
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -16,10 +22,10 @@ use rayon::prelude::*;
 
 use crate::format::writer::TensorSink;
 use crate::format::{
-    BpkWriter, Compression, Encoding, Header, Provenance, QuantScheme, SourceFile, TensorPlan,
-    WriteError,
+    BpkWriter, Compression, Encoding, Header, Provenance, SourceFile, TensorPlan, WriteError,
 };
 use crate::fsio::FileError;
+use crate::model::{ModelConfig, Role, TensorSpec, expected_tensors};
 use crate::num::FloatDtype;
 use crate::num::digest::sha256_file;
 use crate::num::dtype::{decode_f32, encode_f32, first_non_finite};
@@ -27,6 +33,8 @@ use crate::pack::TernaryLayout;
 use crate::quant::AbsmeanScale;
 use crate::quant::rows::{row_abs_sum, row_ternarize};
 use crate::source::{CONFIG_FILE, Checkpoint, SourceError, SourceTensor};
+use crate::transform::Rotation;
+use scheme::{SchemeError, SchemeOptions};
 
 /// zstd level for `--compress`: fast, and the output is identical on every run.
 pub const ZSTD_LEVEL: i32 = 3;
@@ -42,6 +50,8 @@ pub struct ConvertOptions {
     pub compress: bool,
     /// Overwrite an existing output file.
     pub force: bool,
+    /// Activation scheme, online transforms, attention states, rotation.
+    pub scheme: SchemeOptions,
 }
 
 /// A conversion failed; no file was left at the target.
@@ -49,6 +59,10 @@ pub struct ConvertOptions {
 pub enum ConvertError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Scheme(#[from] SchemeError),
+    #[error("could not write the output: {error}")]
+    Output { error: String },
     #[error(transparent)]
     File(#[from] FileError),
     #[error("{path}: {error}")]
@@ -126,7 +140,17 @@ pub fn convert_verified(
     crate::fsio::check_output(out, opts.force, &ckpt.input_files())?;
     let write_err = |error| write_error(out, error);
 
-    let plans: Vec<TensorPlan> = ckpt.tensors.iter().map(|t| plan(t, opts)).collect();
+    let scheme = scheme::scheme(&ckpt.config, &opts.scheme)?;
+    let model = scheme::converted_model(&ckpt.config, &opts.scheme);
+    let rotation = match &scheme.residual_rotation {
+        Some(r) => Some(
+            Rotation::new(&ckpt.config, r.seed, &r.online)
+                .map_err(|e| SchemeError::Rotation(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let jobs = jobs(&ckpt, &model)?;
+    let plans: Vec<TensorPlan> = jobs.iter().map(|j| plan(j, opts)).collect();
     let config_sha = sha256_file(&ckpt.dir.join(CONFIG_FILE))?;
     let config_len = std::fs::metadata(ckpt.dir.join(CONFIG_FILE))
         .map(|m| m.len())
@@ -156,8 +180,8 @@ pub fn convert_verified(
     let mut writer = BpkWriter::create(
         out,
         opts.force,
-        ckpt.config.clone(),
-        QuantScheme::bitnet_b158(),
+        model,
+        scheme,
         provenance_with(&placeholder),
         plans,
     )
@@ -168,7 +192,15 @@ pub fn convert_verified(
         let threads = rayon::current_num_threads();
         let ckpt = &ckpt;
         let hasher = scope.spawn(move || ckpt.hash_shards(threads));
-        let written = write_tensors(ckpt, &mut writer, out, opts, progress);
+        let written = write_tensors(
+            ckpt,
+            &jobs,
+            rotation.as_ref(),
+            &mut writer,
+            out,
+            opts,
+            progress,
+        );
         (
             hasher.join().expect("the hashing thread does not panic"),
             written,
@@ -191,7 +223,8 @@ pub fn convert_verified(
 }
 
 fn options_record(opts: &ConvertOptions) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut map = opts.scheme.record();
+    map.extend([
         ("layout".to_string(), opts.layout.as_str().to_string()),
         (
             "keep".to_string(),
@@ -201,23 +234,56 @@ fn options_record(opts: &ConvertOptions) -> BTreeMap<String, String> {
                 .to_string(),
         ),
         ("compress".to_string(), opts.compress.to_string()),
-    ])
+    ]);
+    map
 }
 
-/// How one source tensor will be stored.
-fn plan(t: &SourceTensor, opts: &ConvertOptions) -> TensorPlan {
-    let ternary = t.spec.role.is_ternary();
+/// One tensor of the output: what it is and which source tensor it is made from (a rotated
+/// model's head is made from a tied embedding).
+pub struct Job<'a> {
+    pub spec: TensorSpec,
+    pub source: &'a SourceTensor,
+}
+
+/// The output tensors of a conversion to `model` (the converted config), in canonical order,
+/// each with its source.
+pub fn jobs<'a>(ckpt: &'a Checkpoint, model: &ModelConfig) -> Result<Vec<Job<'a>>, ConvertError> {
+    expected_tensors(model)
+        .into_iter()
+        .map(|spec| {
+            let source = ckpt
+                .tensors
+                .iter()
+                .find(|t| t.spec.name == spec.name)
+                .or_else(|| {
+                    (spec.role == Role::LmHead)
+                        .then(|| ckpt.tensors.iter().find(|t| t.spec.role == Role::Embedding))
+                        .flatten()
+                })
+                .ok_or_else(|| SourceError::MissingTensor {
+                    dir: ckpt.dir.clone(),
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                })?;
+            Ok(Job { spec, source })
+        })
+        .collect()
+}
+
+/// How one output tensor will be stored.
+fn plan(j: &Job<'_>, opts: &ConvertOptions) -> TensorPlan {
+    let ternary = j.spec.role.is_ternary();
     let encoding = if ternary {
         Encoding::from_layout(opts.layout)
     } else {
-        Encoding::from_float(opts.keep.unwrap_or(t.dtype))
+        Encoding::from_float(opts.keep.unwrap_or(j.source.dtype))
     };
     TensorPlan {
-        name: t.spec.name.clone(),
-        role: t.spec.role,
-        layer: t.spec.layer.map(|l| l as u32),
+        name: j.spec.name.clone(),
+        role: j.spec.role,
+        layer: j.spec.layer.map(|l| l as u32),
         encoding,
-        shape: t.spec.shape.iter().map(|&d| d as u64).collect(),
+        shape: j.spec.shape.iter().map(|&d| d as u64).collect(),
         compression: if opts.compress && !ternary {
             Compression::Zstd
         } else {
@@ -228,13 +294,16 @@ fn plan(t: &SourceTensor, opts: &ConvertOptions) -> TensorPlan {
 
 fn write_tensors(
     ckpt: &Checkpoint,
+    jobs: &[Job<'_>],
+    rotation: Option<&Rotation>,
     writer: &mut BpkWriter,
     out: &Path,
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(), ConvertError> {
     let out_path = |error: WriteError| write_error(out, error);
-    for t in &ckpt.tensors {
+    for job in jobs {
+        let t = job.source;
         let bytes = ckpt.bytes(t);
         let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
             path: ckpt.shards[t.shard].path.clone(),
@@ -242,33 +311,84 @@ fn write_tensors(
             index: unravel(index, &t.spec.shape),
             value,
         };
-        if t.spec.role.is_ternary() {
-            let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
-            let (scale, packed) = ternarize(t.dtype, bytes, rows, k, opts.layout)
-                .map_err(|(i, v)| non_finite(i, v))?;
-            writer
-                .write_tensor(Some(scale.scale), |sink| sink.write_all(&packed))
-                .map_err(out_path)?;
-        } else {
-            if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
-                return Err(non_finite(i, v));
+        let overflow = |index: usize, value: f32, dtype: FloatDtype| ConvertError::Overflow {
+            path: ckpt.shards[t.shard].path.clone(),
+            tensor: job.spec.name.clone(),
+            index: unravel(index, &job.spec.shape),
+            value,
+            dtype: dtype.as_str(),
+        };
+        let role = job.spec.role;
+        let target = opts.keep.unwrap_or(t.dtype);
+        match (role.is_ternary(), rotation) {
+            (true, None) => {
+                let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+                let (scale, packed) = ternarize(t.dtype, bytes, rows, k, opts.layout)
+                    .map_err(|(i, v)| non_finite(i, v))?;
+                writer
+                    .write_tensor(Some(scale.scale), |sink| sink.write_all(&packed))
+                    .map_err(out_path)?;
             }
-            let target = opts.keep.unwrap_or(t.dtype);
-            if let Some((i, v)) = first_overflow(t.dtype, target, bytes) {
-                return Err(ConvertError::Overflow {
-                    path: ckpt.shards[t.shard].path.clone(),
-                    tensor: t.spec.name.clone(),
-                    index: unravel(i, &t.spec.shape),
-                    value: v,
-                    dtype: target.as_str(),
+            (true, Some(rot)) => {
+                // Transform stage: the whole projection in f32 (a writer's columns mix every
+                // row), rotated, then ternarized from f32.
+                if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
+                    return Err(non_finite(i, v));
+                }
+                let (rows, k) = (job.spec.shape[0], job.spec.shape[1]);
+                let mut w = vec![0f32; rows * k];
+                decode_f32(t.dtype, bytes, &mut w);
+                let gain = gain_of(ckpt, role, job.spec.layer)?;
+                rot.fold(role, &mut w, k, gain.as_deref());
+                let mut f = Vec::with_capacity(w.len() * 4);
+                encode_f32(FloatDtype::F32, &w, &mut f);
+                drop(w);
+                let (scale, packed) = ternarize(FloatDtype::F32, &f, rows, k, opts.layout)
+                    .map_err(|(i, v)| non_finite(i, v))?;
+                writer
+                    .write_tensor(Some(scale.scale), |sink| sink.write_all(&packed))
+                    .map_err(out_path)?;
+            }
+            (false, None) => {
+                if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
+                    return Err(non_finite(i, v));
+                }
+                if let Some((i, v)) = first_overflow(t.dtype, target, bytes) {
+                    return Err(overflow(i, v, target));
+                }
+                let compress = opts.compress;
+                writer
+                    .write_tensor(None, |sink| {
+                        copy_float(t.dtype, target, compress, bytes, sink)
+                    })
+                    .map_err(out_path)?;
+            }
+            (false, Some(rot)) => {
+                if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
+                    return Err(non_finite(i, v));
+                }
+                let gain = gain_of(ckpt, role, job.spec.layer)?;
+                let mut first_bad: Option<(usize, f32)> = None;
+                let total = bytes.len() / t.dtype.size();
+                let written = writer.write_tensor(None, |sink| {
+                    let mut out = float_writer(target, opts.compress, total, sink)?;
+                    let mut enc = Vec::new();
+                    rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |start, values| {
+                        if let Some(p) = values.iter().position(|v| !representable(*v, target)) {
+                            first_bad = Some((start + p, values[p]));
+                            return Err(io::Error::other("a value beyond the stored type"));
+                        }
+                        enc.clear();
+                        encode_f32(target, values, &mut enc);
+                        out.write_all(&enc)
+                    })?;
+                    out.flush()
                 });
+                if let Some((i, v)) = first_bad {
+                    return Err(overflow(i, v, target));
+                }
+                written.map_err(out_path)?;
             }
-            let compress = opts.compress;
-            writer
-                .write_tensor(None, |sink| {
-                    copy_float(t.dtype, target, compress, bytes, sink)
-                })
-                .map_err(out_path)?;
         }
         ckpt.release(t);
         progress(bytes.len() as u64);
@@ -276,8 +396,91 @@ fn write_tensors(
     Ok(())
 }
 
+/// Whether `v` stays finite when stored as `dtype`.
+fn representable(v: f32, dtype: FloatDtype) -> bool {
+    let mut enc = Vec::with_capacity(4);
+    encode_f32(dtype, &[v], &mut enc);
+    let mut back = [0f32];
+    decode_f32(dtype, &enc, &mut back);
+    back[0].is_finite()
+}
+
+/// The norm gain a rotation folds into a reader of `role` (decoded), if any.
+pub fn gain_of(
+    ckpt: &Checkpoint,
+    role: Role,
+    layer: Option<usize>,
+) -> Result<Option<Vec<f32>>, ConvertError> {
+    let Some(norm) = Rotation::gain_role(role) else {
+        return Ok(None);
+    };
+    let layer = if norm == Role::FinalNorm { None } else { layer };
+    let t = ckpt
+        .tensors
+        .iter()
+        .find(|t| t.spec.role == norm && t.spec.layer == layer)
+        .ok_or_else(|| SourceError::MissingTensor {
+            dir: ckpt.dir.clone(),
+            name: norm.as_str().to_string(),
+            expected: vec![],
+        })?;
+    let mut g = vec![0f32; t.numel()];
+    decode_f32(t.dtype, ckpt.bytes(t), &mut g);
+    Ok(Some(g))
+}
+
+/// A writer into the sink that zstd-compresses if asked (`total` elements of `target`,
+/// declared to the compressor so that readers can check the length up front).
+fn float_writer<'s>(
+    target: FloatDtype,
+    compress: bool,
+    total: usize,
+    sink: &'s mut TensorSink<'_>,
+) -> io::Result<Box<dyn Write + 's>> {
+    Ok(if compress {
+        let mut enc = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
+        enc.include_contentsize(true)?;
+        enc.set_pledged_src_size(Some((total * target.size()) as u64))?;
+        Box::new(enc.auto_finish())
+    } else {
+        Box::new(sink)
+    })
+}
+
+/// The values of an output float tensor with `rotation` folded in (`gain`: the norm gain folded
+/// into a head), handed to `f(first_element, values)` a chunk of whole rows at a time: the
+/// embedding and the head rotate each row on its own, so memory stays at one chunk.
+pub fn rotated_floats(
+    ckpt: &Checkpoint,
+    job: &Job<'_>,
+    rotation: &Rotation,
+    gain: Option<&[f32]>,
+    f: &mut dyn FnMut(usize, &[f32]) -> io::Result<()>,
+) -> io::Result<()> {
+    let t = job.source;
+    let bytes = ckpt.bytes(t);
+    let size = t.dtype.size();
+    let total = bytes.len() / size;
+    let cols = *job.spec.shape.last().expect("a tensor has a shape");
+    let chunk = (STREAM_CHUNK / cols).max(1) * cols;
+    let mut values = vec![0f32; chunk.min(total)];
+    let mut start = 0;
+    while start < total {
+        let n = (total - start).min(chunk);
+        decode_f32(
+            t.dtype,
+            &bytes[start * size..(start + n) * size],
+            &mut values[..n],
+        );
+        rotation.fold(job.spec.role, &mut values[..n], cols, gain);
+        f(start, &values[..n])?;
+        start += n;
+    }
+    Ok(())
+}
+
 /// Turns `[i]` into a multi-index for messages.
-fn unravel(mut index: usize, shape: &[usize]) -> Vec<usize> {
+pub(crate) fn unravel(mut index: usize, shape: &[usize]) -> Vec<usize> {
     let mut out = vec![0; shape.len()];
     for (o, &d) in out.iter_mut().zip(shape).rev() {
         *o = index % d.max(1);
@@ -367,16 +570,7 @@ fn copy_float(
     bytes: &[u8],
     sink: &mut TensorSink<'_>,
 ) -> io::Result<()> {
-    let mut out: Box<dyn Write + '_> = if compress {
-        // Declaring the content size lets zstd pick a window no larger than the tensor, which
-        // keeps decompression memory small, and lets readers check the length up front.
-        let mut enc = zstd::stream::write::Encoder::new(sink, ZSTD_LEVEL)?;
-        enc.include_contentsize(true)?;
-        enc.set_pledged_src_size(Some((bytes.len() / source.size() * target.size()) as u64))?;
-        Box::new(enc.auto_finish())
-    } else {
-        Box::new(sink)
-    };
+    let mut out = float_writer(target, compress, bytes.len() / source.size(), sink)?;
     if source == target {
         for c in bytes.chunks(STREAM_CHUNK * source.size()) {
             out.write_all(c)?;

@@ -70,12 +70,13 @@ pub fn unpack(
         ),
     ]);
     // One tensor in memory at a time, written beside the target and renamed at the end.
-    write_safetensors(out, force, &metadata, &planned, |i, buf| {
+    write_safetensors(out, force, &metadata, &planned, |i, w| {
         let values = file
             .dequantize_f32(&file.header.tensors[i])
-            .map_err(|e| e.to_string())?;
-        encode_f32(dtype, &values, buf);
-        Ok(())
+            .map_err(std::io::Error::other)?;
+        let mut buf = Vec::with_capacity(values.len() * dtype.size());
+        encode_f32(dtype, &values, &mut buf);
+        w.write_all(&buf)
     })?;
     Ok(planned.len())
 }

@@ -47,13 +47,31 @@ pub enum StWriteError {
     },
 }
 
-/// Writes `tensors` to `target` with `metadata`; `data(i, out)` appends the bytes of tensor `i`.
+/// Counts the bytes written through it.
+struct Counting<'w> {
+    inner: &'w mut dyn Write,
+    written: usize,
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes `tensors` to `target` with `metadata`; `data(i, out)` writes the bytes of tensor `i`
+/// (in as many pieces as it likes: a tensor need not be in memory at once).
 pub fn write_safetensors(
     target: &Path,
     force: bool,
     metadata: &BTreeMap<String, String>,
     tensors: &[PlannedTensor],
-    mut data: impl FnMut(usize, &mut Vec<u8>) -> Result<(), String>,
+    mut data: impl FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), StWriteError> {
     let io = |error| StWriteError::Io {
         path: target.to_path_buf(),
@@ -85,18 +103,19 @@ pub fn write_safetensors(
         out.write_all(&(text.len() as u64).to_le_bytes())
             .map_err(io)?;
         out.write_all(&text).map_err(io)?;
-        let mut buf = Vec::new();
         for (i, t) in tensors.iter().enumerate() {
-            buf.clear();
-            data(i, &mut buf).map_err(|e| io(std::io::Error::other(e)))?;
-            if buf.len() != t.bytes() {
+            let mut counting = Counting {
+                inner: &mut out,
+                written: 0,
+            };
+            data(i, &mut counting).map_err(io)?;
+            if counting.written != t.bytes() {
                 return Err(StWriteError::Length {
                     name: t.name.clone(),
-                    written: buf.len(),
+                    written: counting.written,
                     planned: t.bytes(),
                 });
             }
-            out.write_all(&buf).map_err(io)?;
         }
         out.flush().map_err(io)?;
     }
@@ -128,8 +147,10 @@ mod tests {
         ];
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(&target, false, &meta, &tensors, |i, out| {
-            out.extend((0..tensors[i].bytes()).map(|b| (b + i) as u8));
-            Ok(())
+            let bytes: Vec<u8> = (0..tensors[i].bytes()).map(|b| (b + i) as u8).collect();
+            // In two pieces, as a streaming producer would.
+            out.write_all(&bytes[..3])?;
+            out.write_all(&bytes[3..])
         })
         .unwrap();
         let bytes = std::fs::read(&target).unwrap();
@@ -152,7 +173,12 @@ mod tests {
         );
         // A failing tensor leaves nothing behind.
         let bad = dir.path().join("bad.safetensors");
-        assert!(write_safetensors(&bad, false, &meta, &tensors, |_, _| Err("no".into())).is_err());
+        assert!(
+            write_safetensors(&bad, false, &meta, &tensors, |_, _| Err(
+                std::io::Error::other("no")
+            ))
+            .is_err()
+        );
         assert!(!bad.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

@@ -24,11 +24,48 @@ pub struct Header {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuantScheme {
     pub weights: WeightScheme,
+    /// The activation quantizer of every projection input without an entry in
+    /// `activation_sites`.
     pub activations: ActivationScheme,
+    /// Per-projection overrides (1.1): e.g. a4.8's int4 for q/k/v and gate/up, int8 for o/down.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub activation_sites: BTreeMap<Role, ActivationScheme>,
     /// Places where a runtime must apply an online transform (BitNet v2 H-BitLinear) before
-    /// quantizing an activation. Empty in files written by this version.
+    /// quantizing an activation.
     #[serde(default)]
     pub online_rotations: Vec<RotationSite>,
+    /// Quantization of the attention states (1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionScheme>,
+    /// A rotation of the residual stream folded into the weights at conversion (1.1); for
+    /// information and for parity, a runtime has nothing to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residual_rotation: Option<ResidualRotation>,
+}
+
+/// Quantization of the attention states (§3.2): queries after RoPE, and the keys (after RoPE)
+/// and values kept in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttentionScheme {
+    /// 8 or 4: each query head vector quantized symmetrically (absmax) before the scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q_bits: Option<u8>,
+    /// 8, 4 or 3: each key and value head vector stored as unsigned codes with a per-vector
+    /// minimum and step (asymmetric min-max).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bits: Option<u8>,
+}
+
+/// A residual-stream rotation folded into the weights (§3.2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResidualRotation {
+    /// `randomized-hadamard`: `Q = diag(s) H_n^T / sqrt(n)`, signs `s` from `seed` (§9.3).
+    pub transform: String,
+    pub seed: u64,
+    /// The online transforms the conversion added (their transpose folded into these
+    /// projections); each also has an entry in `online_rotations`.
+    #[serde(default)]
+    pub online: Vec<Role>,
 }
 
 /// The weight quantizer.
@@ -61,6 +98,8 @@ pub struct ActivationScheme {
 pub enum ActivationRule {
     /// Per token: `s = (2^(bits-1) - 1) / max(max|x|, eps)`, `q = clamp(round(x * s), -2^(bits-1), 2^(bits-1) - 1)`.
     AbsmaxPerToken,
+    /// Per token (1.1, bits 4): `s = sqrt(7) / max(mean|x|, eps)`, `q = clamp(round(x * s), -8, 7)`.
+    AbsmeanPerToken,
     /// No activation quantization: projections take their f32 input as it is
     /// (`y = (sum_k T[n,k] * x[k]) * scale`). Not the training forward of a BitNet b1.58 model.
     None,
@@ -74,12 +113,174 @@ impl QuantScheme {
                 rule: WeightRule::AbsmeanPerTensor,
                 eps: f64::from(crate::quant::ABSMEAN_EPS),
             },
-            activations: ActivationScheme {
-                rule: ActivationRule::AbsmaxPerToken,
-                bits: 8,
-                eps: 1e-5,
-            },
+            activations: ActivationScheme::a8(),
+            activation_sites: BTreeMap::new(),
             online_rotations: Vec::new(),
+            attention: None,
+            residual_rotation: None,
+        }
+    }
+
+    /// Whether a runtime must implement more than BitNet b1.58 (int8 activations everywhere,
+    /// no online transform, float attention) to run the file: then the preamble carries
+    /// [`crate::format::FLAG_EXTENDED_QUANT`] so that a reader that cannot is sure to refuse it.
+    pub fn is_extended(&self) -> bool {
+        let a8 = ActivationScheme::a8();
+        !same_quantizer(&self.activations, &a8)
+            || !self.activation_sites.is_empty()
+            || !self.online_rotations.is_empty()
+            || self.attention.is_some()
+    }
+
+    /// Checks the scheme against the model: every activation scheme defined, overrides and
+    /// online transforms only on projections, transform sizes equal to the projection's input
+    /// width and supported (§9), attention bits among those defined. The first problem, in words.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<(), String> {
+        self.activations
+            .quantizer()
+            .map_err(|e| format!("activations: {e}"))?;
+        for (role, a) in &self.activation_sites {
+            if !role.is_ternary() {
+                return Err(format!(
+                    "activation_sites: {} is not a projection",
+                    role.as_str()
+                ));
+            }
+            a.quantizer()
+                .map_err(|e| format!("activation_sites.{}: {e}", role.as_str()))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for site in &self.online_rotations {
+            let name = site.role.as_str();
+            let Some(dim) = cfg.projection_in_dim(site.role) else {
+                return Err(format!("online_rotations: {name} is not a projection"));
+            };
+            if site.transform != "hadamard" {
+                return Err(format!(
+                    "online_rotations: transform `{}` at {name} is unknown (only `hadamard`)",
+                    site.transform
+                ));
+            }
+            if site.dim != dim as u64 {
+                return Err(format!(
+                    "online_rotations: {name} has dim {} but its input is {dim} wide",
+                    site.dim
+                ));
+            }
+            crate::transform::Hadamard::new(dim)
+                .map_err(|e| format!("online_rotations: {name}: {e}"))?;
+            if let Some(l) = site.layer
+                && l as usize >= cfg.num_layers
+            {
+                return Err(format!(
+                    "online_rotations: {name} names block {l}, the model has {}",
+                    cfg.num_layers
+                ));
+            }
+            if !seen.insert((site.role, site.layer)) {
+                return Err(format!("online_rotations: {name} is listed twice"));
+            }
+        }
+        let all_layers: std::collections::HashSet<Role> = self
+            .online_rotations
+            .iter()
+            .filter(|s| s.layer.is_none())
+            .map(|s| s.role)
+            .collect();
+        if let Some(s) = self
+            .online_rotations
+            .iter()
+            .find(|s| s.layer.is_some() && all_layers.contains(&s.role))
+        {
+            return Err(format!(
+                "online_rotations: {} is listed for every block and for block {} too",
+                s.role.as_str(),
+                s.layer.unwrap_or(0)
+            ));
+        }
+        if let Some(a) = &self.attention {
+            if let Some(b) = a.q_bits
+                && !matches!(b, 8 | 4)
+            {
+                return Err(format!("attention.q_bits {b} is not 8 or 4"));
+            }
+            if let Some(b) = a.kv_bits
+                && !matches!(b, 8 | 4 | 3)
+            {
+                return Err(format!("attention.kv_bits {b} is not 8, 4 or 3"));
+            }
+        }
+        if let Some(r) = &self.residual_rotation
+            && r.transform != "randomized-hadamard"
+        {
+            return Err(format!(
+                "residual_rotation: transform `{}` is unknown (only `randomized-hadamard`)",
+                r.transform
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scheme of the input of `role`.
+    pub fn activation_of(&self, role: Role) -> &ActivationScheme {
+        self.activation_sites
+            .get(&role)
+            .unwrap_or(&self.activations)
+    }
+}
+
+/// Whether two activation schemes quantize identically (eps compared as the f32 it stands
+/// for: files of format 1.0 wrote `1e-5`, which means the f32 nearest it).
+pub fn same_quantizer(a: &ActivationScheme, b: &ActivationScheme) -> bool {
+    a.rule == b.rule && a.bits == b.bits && (a.eps as f32) == (b.eps as f32)
+}
+
+impl ActivationScheme {
+    /// int8 per-token absmax, eps the f32 nearest 1e-5 (written exactly).
+    pub fn a8() -> Self {
+        ActivationScheme {
+            rule: ActivationRule::AbsmaxPerToken,
+            bits: 8,
+            eps: f64::from(crate::quant::ACTIVATION_EPS),
+        }
+    }
+
+    /// int4 per-token absmean (BitNet v2, a4.8).
+    pub fn a4() -> Self {
+        ActivationScheme {
+            rule: ActivationRule::AbsmeanPerToken,
+            bits: 4,
+            eps: f64::from(crate::quant::ACTIVATION_EPS),
+        }
+    }
+
+    /// No activation quantization.
+    pub fn none() -> Self {
+        ActivationScheme {
+            rule: ActivationRule::None,
+            bits: 0,
+            eps: f64::from(crate::quant::ACTIVATION_EPS),
+        }
+    }
+
+    /// The quantizer this scheme describes, or why it cannot be one.
+    pub fn quantizer(&self) -> Result<crate::quant::ActQuant, String> {
+        use crate::quant::ActQuant;
+        let eps = self.eps as f32;
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(format!("activation eps {} is not a positive f32", self.eps));
+        }
+        match (self.rule, self.bits) {
+            (ActivationRule::AbsmaxPerToken, 8) => Ok(ActQuant::Absmax8 { eps }),
+            (ActivationRule::AbsmeanPerToken, 4) => Ok(ActQuant::Absmean4 { eps }),
+            (ActivationRule::None, 0) => Ok(ActQuant::None),
+            (rule, bits) => Err(format!(
+                "activation rule {} with {bits} bits is not defined (absmax-per-token takes 8, absmean-per-token 4, none 0)",
+                serde_json::to_value(rule)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )),
         }
     }
 }

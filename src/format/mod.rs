@@ -40,7 +40,13 @@ pub const MAX_NAME_LEN: usize = 1024;
 /// The major version this build reads and writes (§2.1).
 pub const VERSION_MAJOR: u16 = 1;
 /// The minor version this build writes; it reads any minor of [`VERSION_MAJOR`] (§2.1).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
+/// Preamble flag (§2, 1.1): the quantization scheme needs more than BitNet b1.58 (another
+/// activation rule, per-site rules, online transforms or quantized attention states); a reader
+/// that does not implement §3.2 of 1.1 must refuse the file.
+pub const FLAG_EXTENDED_QUANT: u32 = 1;
+/// Every flag this build understands.
+pub const KNOWN_FLAGS: u32 = FLAG_EXTENDED_QUANT;
 /// Byte the header JSON is padded with (§3).
 pub const HEADER_PAD: u8 = b' ';
 

@@ -37,7 +37,7 @@ pub enum FormatError {
     )]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error(
-        "unknown flags {flags:#010x} at byte 12; version 1 files have none (written by a newer tool?)"
+        "unknown flags {flags:#010x} at byte 12; this build knows only bit 0 (written by a newer tool?)"
     )]
     UnknownFlags { flags: u32 },
     #[error("header length {header_len} (byte 16) exceeds the limit of {MAX_HEADER_LEN}")]
@@ -62,6 +62,14 @@ pub enum FormatError {
     },
     #[error("model config in the header is unusable: {reason}")]
     BadConfig { reason: String },
+    #[error("quantization scheme in the header is unusable: {reason}")]
+    BadScheme { reason: String },
+    #[error(
+        "the preamble's flag for an extended quantization scheme (bit 0 of byte 12) is {}, but the header's scheme {} one",
+        if *flagged { "set" } else { "clear" },
+        if *extended { "is" } else { "is not" }
+    )]
+    FlagMismatch { flagged: bool, extended: bool },
     #[error("non-zero byte in {region} padding at byte {offset}")]
     NonZeroPadding { region: &'static str, offset: u64 },
     #[error(
@@ -365,7 +373,7 @@ pub(crate) fn parse_container_into(
         .ok_or(FormatError::TooShort { len: file_len })?;
     let preamble = Preamble::parse(pre)?;
     let version = FormatVersion::decode(preamble.major, preamble.minor)?;
-    if preamble.flags != 0 {
+    if preamble.flags & !super::KNOWN_FLAGS != 0 {
         return Err(FormatError::UnknownFlags {
             flags: preamble.flags,
         });
@@ -434,6 +442,13 @@ pub(crate) fn check_structure_per_entry(
     let mut sound = Vec::with_capacity(c.header.tensors.len());
     if let Err(reason) = c.header.model.check_limits() {
         problems.push(FormatError::BadConfig { reason });
+    } else if let Err(reason) = c.header.quantization.check(&c.header.model) {
+        problems.push(FormatError::BadScheme { reason });
+    }
+    let flagged = c.preamble.flags & super::FLAG_EXTENDED_QUANT != 0;
+    let extended = c.header.quantization.is_extended();
+    if flagged != extended {
+        problems.push(FormatError::FlagMismatch { flagged, extended });
     }
     let file_len = bytes.len() as u64;
     let header_end = PREAMBLE_LEN as u64 + c.preamble.header_len;

@@ -80,6 +80,20 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_quantization: Option<SourceQuantization>,
+    /// What config.json declares about its training forward beyond BitNet b1.58 (BitNet v2 keys;
+    /// not part of a .bpk header's model section, which records the scheme on its own).
+    #[serde(skip)]
+    pub declared: DeclaredQuant,
+}
+
+/// The quantization a checkpoint declares it was trained with, beyond BitNet b1.58:
+/// config.json's `online_hadamard` (projections whose input gets an online Hadamard transform,
+/// BitNet v2's H-BitLinear) and `activation_scheme` (`a8`, `a4`, or per-site such as
+/// `qkv=a4,o=a8,gate_up=a4,down=a8`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeclaredQuant {
+    pub online_hadamard: Vec<super::Role>,
+    pub activation_scheme: Option<String>,
 }
 
 /// A config.json that cannot be used. Each variant names the key at fault.
@@ -284,6 +298,7 @@ impl ModelConfig {
             bos_token_id: opt_u64(obj, "bos_token_id")?,
             eos_token_ids: eos_ids(obj)?,
             source_quantization,
+            declared: declared_quant(obj)?,
         };
         config
             .check_limits()
@@ -341,6 +356,17 @@ impl ModelConfig {
     /// Width of each of the key and value projection outputs.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// Input width of a projection (the length of the activation its quantizer sees).
+    pub fn projection_in_dim(&self, role: super::Role) -> Option<usize> {
+        use super::Role::*;
+        match role {
+            QProj | KProj | VProj | GateProj | UpProj => Some(self.hidden_size),
+            OProj => Some(self.q_dim()),
+            DownProj => Some(self.intermediate_size),
+            _ => None,
+        }
     }
 }
 
@@ -409,6 +435,47 @@ fn as_positive_f64(v: &Value, key: &'static str) -> Result<f64, ConfigError> {
 }
 
 /// Only plain RoPE is implemented; a scaled variant would silently change the numbers.
+/// Reads the BitNet v2 keys of config.json (see [`DeclaredQuant`]).
+fn declared_quant(obj: &Obj) -> Result<DeclaredQuant, ConfigError> {
+    let online_hadamard = match obj.get("online_hadamard") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .and_then(super::Role::from_name)
+                    .filter(|r| r.is_ternary())
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "online_hadamard",
+                        reason: format!(
+                            "{v} is not a projection (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                        ),
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                key: "online_hadamard",
+                reason: format!("expected a list of projection names, found {other}"),
+            });
+        }
+    };
+    let activation_scheme = match obj.get("activation_scheme") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                key: "activation_scheme",
+                reason: format!("expected a string such as \"a4\", found {other}"),
+            });
+        }
+    };
+    Ok(DeclaredQuant {
+        online_hadamard,
+        activation_scheme,
+    })
+}
+
 /// Accepts only plain RoPE: `rope_scaling` absent, null or `{"rope_type": "default", ...}`;
 /// `rope_parameters` (transformers 5.x) absent, null or an object whose `rope_type` is absent or
 /// `default`. Anything else (a string, a scaling type) is refused rather than ignored.

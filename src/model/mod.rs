@@ -3,5 +3,5 @@
 pub mod config;
 pub mod roles;
 
-pub use config::{Activation, ConfigError, Family, ModelConfig, SourceQuantization};
+pub use config::{Activation, ConfigError, DeclaredQuant, Family, ModelConfig, SourceQuantization};
 pub use roles::{Role, TensorSpec, expected_tensors};

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{Family, ModelConfig};
 
 /// What a tensor does in the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Embedding,
@@ -40,6 +40,27 @@ impl Role {
                 | Role::UpProj
                 | Role::DownProj
         )
+    }
+
+    /// The seven projections, in execution order.
+    pub const PROJECTIONS: [Role; 7] = [
+        Role::QProj,
+        Role::KProj,
+        Role::VProj,
+        Role::OProj,
+        Role::GateProj,
+        Role::UpProj,
+        Role::DownProj,
+    ];
+
+    /// Position among [`Role::PROJECTIONS`], for the seven projections.
+    pub fn projection_index(self) -> Option<usize> {
+        Role::PROJECTIONS.iter().position(|&r| r == self)
+    }
+
+    /// The role named `name` (`q_proj`, `final_norm`, ...), as in .bpk headers.
+    pub fn from_name(name: &str) -> Option<Role> {
+        serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
     }
 
     /// The name used in the .bpk header and in messages.

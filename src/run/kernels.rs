@@ -5,23 +5,6 @@
 //! inputs of awkward sizes. The AVX2 kernels are chosen at run time when the CPU has AVX2.
 
 use crate::pack::{TernaryLayout, i2};
-use crate::quant::{ACTIVATION_EPS, round_clamp};
-
-/// Largest magnitude of a quantized activation (`2^(8-1) - 1`).
-pub const ACT_QMAX: f32 = 127.0;
-
-/// Quantizes one token's activation: `s = 127 / max(max|x|, eps)`,
-/// `q = clamp(round_half_even(x * s), -128, 127)`. Writes `q` into `out[..x.len()]`, zeroes the
-/// rest of `out` (the padding an `i2` row's last block needs), and returns `s`.
-pub fn quantize_activation(x: &[f32], out: &mut [i8]) -> f32 {
-    let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let s = ACT_QMAX / absmax.max(ACTIVATION_EPS);
-    for (q, &v) in out.iter_mut().zip(x) {
-        *q = round_clamp(v * s, -128.0, 127.0) as i8;
-    }
-    out[x.len()..].fill(0);
-    s
-}
 
 /// Length an activation buffer must have for rows of `k` weights in `layout` (whole `i2` blocks).
 pub fn padded_len(layout: TernaryLayout, k: usize) -> usize {
@@ -68,7 +51,7 @@ pub fn dot_trits_f32(layout: TernaryLayout, row: &[u8], x: &[f32]) -> f32 {
 }
 
 /// The dot-product kernel in use: AVX2 when the CPU has it, else the portable one.
-/// `q` must come from [`quantize_activation`] (so it never holds -128), padded to
+/// `q` must come from [`crate::quant::ActQuant::quantize`] (so it never holds -128), padded to
 /// [`padded_len`], and `q_sum` must be its sum.
 pub fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
     #[cfg(target_arch = "x86_64")]
@@ -178,7 +161,7 @@ mod avx2 {
                 )
             };
             // |w| in {0, 1} times a with w's sign. Precondition: no activation is -128 (whose
-            // negation wraps); `quantize_activation` never produces it since |x * s| <= 127.
+            // negation wraps); `ActQuant::quantize` never produces it since |x * s| <= 127.
             let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, ones));
         }
@@ -194,6 +177,14 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::{ACTIVATION_EPS, ActQuant};
+
+    const A8: ActQuant = ActQuant::Absmax8 {
+        eps: ACTIVATION_EPS,
+    };
+    const A4: ActQuant = ActQuant::Absmean4 {
+        eps: ACTIVATION_EPS,
+    };
 
     /// A small deterministic generator (no extra dependency needed for tests).
     struct Lcg(u64);
@@ -210,7 +201,12 @@ mod tests {
     #[test]
     fn optimized_kernels_equal_the_scalar_reference() {
         let mut rng = Lcg(42);
-        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+        for (layout, act) in [
+            (TernaryLayout::I2, A8),
+            (TernaryLayout::I8, A8),
+            (TernaryLayout::I2, A4),
+            (TernaryLayout::I8, A4),
+        ] {
             for k in [
                 1usize, 2, 31, 32, 33, 127, 128, 129, 255, 256, 300, 640, 1000,
             ] {
@@ -221,20 +217,17 @@ mod tests {
                     .map(|_| rng.next() as f32 / u32::MAX as f32 * 8.0 - 4.0)
                     .collect();
                 let mut q = vec![0i8; padded_len(layout, k)];
-                quantize_activation(&x, &mut q);
+                act.quantize(&x, &mut q);
                 let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
                 let want: i32 = trits
                     .iter()
                     .zip(&q)
                     .map(|(&t, &a)| i32::from(t) * i32::from(a))
                     .sum();
-                assert_eq!(dot_scalar(layout, &row, &q, k), want, "{layout:?} k={k}");
-                assert_eq!(
-                    dot_portable(layout, &row, &q, q_sum, k),
-                    want,
-                    "{layout:?} k={k}"
-                );
-                assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{layout:?} k={k}");
+                let what = format!("{layout:?} {} k={k}", act.name());
+                assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
+                assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
+                assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
             }
         }
     }
@@ -273,21 +266,5 @@ mod tests {
                 assert_eq!(dot(layout, &row, &q, q_sum, k), want);
             }
         }
-    }
-
-    #[test]
-    fn activation_quantization_follows_the_training_rule() {
-        let x = [0.5f32, -1.0, 0.25, 0.0];
-        let mut q = [0i8; 8];
-        let s = quantize_activation(&x, &mut q);
-        assert_eq!(s, 127.0);
-        // 0.5 * 127 = 63.5 rounds half to even -> 64; 0.25 * 127 = 31.75 -> 32.
-        assert_eq!(q, [64, -127, 32, 0, 0, 0, 0, 0]);
-        let mut z = [5i8; 2];
-        assert_eq!(
-            quantize_activation(&[0.0, 0.0], &mut z),
-            127.0 / ACTIVATION_EPS
-        );
-        assert_eq!(z, [0, 0]);
     }
 }

@@ -2,10 +2,12 @@
 //! ([`packed`]) or from the source checkpoint in f32 ([`source`]), through one shared forward
 //! ([`model`]).
 
+pub mod assemble;
 pub mod budget;
 pub mod kernels;
 pub mod model;
 pub mod packed;
+pub mod plan;
 pub mod source;
 
 use std::path::PathBuf;

@@ -11,9 +11,12 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::plan::QuantPlan;
 use crate::model::{Activation, ModelConfig, Role};
 use crate::num::FloatDtype;
 use crate::num::dtype::decode_f32;
+use crate::quant::attention::{KvCodec, fake_quant_query};
+use crate::transform::Hadamard;
 
 /// A projection `y = x W^T` applied to `n` tokens at once (`x` is `[n, in]`, `y` is `[n, out]`).
 pub trait Linear: Sync {
@@ -313,6 +316,20 @@ pub struct Transformer<'a, L> {
     pub final_norm: Vec<f32>,
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<FloatMatrix<'a>>,
+    /// Online transforms and attention-state quantizers (the activation quantizers live in the
+    /// projections, which each path builds from the same plan).
+    pub plan: QuantPlan,
+}
+
+impl<L> Transformer<'_, L> {
+    /// An empty attention state for one block of this model.
+    pub fn new_attention_state(&self) -> AttentionState {
+        AttentionState::new(
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            self.plan.attention.kv_bits,
+        )
+    }
 }
 
 /// A projection of the model: its block and its role.
@@ -336,23 +353,51 @@ impl Probe for NoProbe {
 }
 
 /// The attention state of one block: the keys (after RoPE) and values of past positions, with
-/// the two operations attention needs of them.
+/// the two operations attention needs of them. With `kv_bits` it stores codes
+/// ([`crate::quant::attention::KvCodec`]), not floats, and decodes a vector when it is used.
 #[derive(Debug, Clone)]
 pub struct AttentionState {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    store: KvStore,
     head_dim: usize,
-    kv_dim: usize,
+    kv_heads: usize,
     len: usize,
 }
 
+#[derive(Debug, Clone)]
+enum KvStore {
+    F32 {
+        k: Vec<f32>,
+        v: Vec<f32>,
+    },
+    Codes {
+        codec: KvCodec,
+        k: Vec<u8>,
+        v: Vec<u8>,
+        /// `(lo, step)` per stored head vector.
+        k_params: Vec<(f32, f32)>,
+        v_params: Vec<(f32, f32)>,
+    },
+}
+
 impl AttentionState {
-    pub fn new(num_kv_heads: usize, head_dim: usize) -> Self {
+    pub fn new(num_kv_heads: usize, head_dim: usize, kv_bits: Option<u8>) -> Self {
+        let store = match kv_bits {
+            None => KvStore::F32 {
+                k: Vec::new(),
+                v: Vec::new(),
+            },
+            Some(bits) => KvStore::Codes {
+                codec: KvCodec::new(bits, head_dim),
+                k: Vec::new(),
+                v: Vec::new(),
+                k_params: Vec::new(),
+                v_params: Vec::new(),
+            },
+        };
         AttentionState {
-            k: Vec::new(),
-            v: Vec::new(),
+            store,
             head_dim,
-            kv_dim: num_kv_heads * head_dim,
+            kv_heads: num_kv_heads,
             len: 0,
         }
     }
@@ -366,31 +411,93 @@ impl AttentionState {
         self.len == 0
     }
 
+    /// Bytes the stored keys and values take.
+    pub fn bytes(&self) -> usize {
+        match &self.store {
+            KvStore::F32 { k, v } => 4 * (k.len() + v.len()),
+            KvStore::Codes {
+                k,
+                v,
+                k_params,
+                v_params,
+                ..
+            } => k.len() + v.len() + 8 * (k_params.len() + v_params.len()),
+        }
+    }
+
     /// Appends `n` positions: `k` and `v` are `[n, kv_heads * head_dim]`.
     pub fn append(&mut self, k: &[f32], v: &[f32], n: usize) {
-        debug_assert_eq!(k.len(), n * self.kv_dim);
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
+        debug_assert_eq!(k.len(), n * self.kv_heads * self.head_dim);
+        match &mut self.store {
+            KvStore::F32 { k: ks, v: vs } => {
+                ks.extend_from_slice(k);
+                vs.extend_from_slice(v);
+            }
+            KvStore::Codes {
+                codec,
+                k: kc,
+                v: vc,
+                k_params,
+                v_params,
+            } => {
+                let per = codec.bytes_per_vector();
+                for (src, codes, params) in [(k, kc, k_params), (v, vc, v_params)] {
+                    for head in src.chunks_exact(self.head_dim) {
+                        let at = codes.len();
+                        codes.resize(at + per, 0);
+                        params.push(codec.encode(head, &mut codes[at..]));
+                    }
+                }
+            }
+        }
         self.len += n;
     }
 
-    fn range(&self, pos: usize, kv_head: usize) -> std::ops::Range<usize> {
-        let start = pos * self.kv_dim + kv_head * self.head_dim;
-        start..start + self.head_dim
+    /// The key (`value = false`) or value head vector of `pos`, `kv_head`, into `buf` if it has
+    /// to be decoded.
+    fn vector<'b>(
+        &'b self,
+        pos: usize,
+        kv_head: usize,
+        value: bool,
+        buf: &'b mut [f32],
+    ) -> &'b [f32] {
+        let index = pos * self.kv_heads + kv_head;
+        match &self.store {
+            KvStore::F32 { k, v } => {
+                let src = if value { v } else { k };
+                &src[index * self.head_dim..(index + 1) * self.head_dim]
+            }
+            KvStore::Codes {
+                codec,
+                k,
+                v,
+                k_params,
+                v_params,
+            } => {
+                let (codes, params) = if value { (v, v_params) } else { (k, k_params) };
+                let per = codec.bytes_per_vector();
+                let (lo, step) = params[index];
+                codec.decode(&codes[index * per..(index + 1) * per], lo, step, buf);
+                buf
+            }
+        }
     }
 
     /// `scores[p] = (q . k_p) * scale` for the first `visible` positions of `kv_head`.
     pub fn scores(&self, q: &[f32], kv_head: usize, visible: usize, scale: f32) -> Vec<f32> {
+        let mut buf = vec![0f32; self.head_dim];
         (0..visible)
-            .map(|p| dot_f32(q, &self.k[self.range(p, kv_head)]) * scale)
+            .map(|p| dot_f32(q, self.vector(p, kv_head, false, &mut buf)) * scale)
             .collect()
     }
 
     /// `out = sum_p weights[p] * v_p` over the positions of `kv_head` that `weights` covers.
     pub fn weighted_sum(&self, weights: &[f32], kv_head: usize, out: &mut [f32]) {
+        let mut buf = vec![0f32; self.head_dim];
         out.fill(0.0);
         for (p, &w) in weights.iter().enumerate() {
-            for (o, v) in out.iter_mut().zip(&self.v[self.range(p, kv_head)]) {
+            for (o, v) in out.iter_mut().zip(self.vector(p, kv_head, true, &mut buf)) {
                 *o += w * v;
             }
         }
@@ -405,10 +512,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig) -> Self {
+    /// An empty cache for `model` (its attention states quantized as its plan says).
+    pub fn for_model<L>(model: &Transformer<'_, L>) -> Self {
+        let cfg = &model.config;
         KvCache {
             layers: (0..cfg.num_layers)
-                .map(|_| AttentionState::new(cfg.num_kv_heads, cfg.head_dim))
+                .map(|_| model.new_attention_state())
                 .collect(),
             len: 0,
         }
@@ -470,11 +579,30 @@ fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
     }
 }
 
-/// Runs one projection on `n` tokens and shows it to the probe.
-fn project<L: Linear>(lin: &L, site: Site, x: &[f32], n: usize, probe: &mut dyn Probe) -> Vec<f32> {
+/// Runs one projection on `n` tokens and shows it to the probe. An online transform of the
+/// site is applied to the input first (the probe sees the transformed input: what the
+/// projection's quantizer receives).
+fn project<L: Linear>(
+    lin: &L,
+    site: Site,
+    x: &[f32],
+    n: usize,
+    online: Option<&Hadamard>,
+    probe: &mut dyn Probe,
+) -> Vec<f32> {
+    let transformed;
+    let input = match online {
+        Some(h) => {
+            let mut t = x.to_vec();
+            h.apply_rows(&mut t);
+            transformed = t;
+            &transformed[..]
+        }
+        None => x,
+    };
     let mut y = vec![0f32; n * lin.out_dim()];
-    lin.forward(x, n, &mut y);
-    probe.projection(site, x, &y);
+    lin.forward(input, n, &mut y);
+    probe.projection(site, input, &y);
     y
 }
 
@@ -570,21 +698,87 @@ impl<L: Linear> Transformer<'_, L> {
         inv_freq: &[f32],
         probe: &mut dyn Probe,
     ) -> Vec<f32> {
+        let (q, k, v) = self.qkv(layer, x, n, probe);
+        self.attention_output(layer, q, k, v, n, state, inv_freq, probe)
+    }
+
+    /// The q, k and v projections of block `layer` on the residual stream `x` (`[n, hidden]`).
+    pub fn qkv(
+        &self,
+        layer: usize,
+        x: &[f32],
+        n: usize,
+        probe: &mut dyn Probe,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let b = &self.blocks[layer];
+        let site = |role| Site { layer, role };
+        let online = |role| self.plan.online_of(layer, role);
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(
+            x,
+            &b.attn_norm,
+            self.config.rms_norm_eps as f32,
+            &mut normed,
+        );
+        (
+            project(
+                &b.q,
+                site(Role::QProj),
+                &normed,
+                n,
+                online(Role::QProj),
+                probe,
+            ),
+            project(
+                &b.k,
+                site(Role::KProj),
+                &normed,
+                n,
+                online(Role::KProj),
+                probe,
+            ),
+            project(
+                &b.v,
+                site(Role::VProj),
+                &normed,
+                n,
+                online(Role::VProj),
+                probe,
+            ),
+        )
+    }
+
+    /// The rest of the attention half of block `layer` from the q, k and v projections' outputs:
+    /// RoPE, the attention-state quantizers, causal attention over `state` (to which the new
+    /// keys and values are appended), the sub-norm and `o_proj`. Returns what the half adds to
+    /// the residual stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_output(
+        &self,
+        layer: usize,
+        mut q: Vec<f32>,
+        mut k: Vec<f32>,
+        v: Vec<f32>,
+        n: usize,
+        state: &mut AttentionState,
+        inv_freq: &[f32],
+        probe: &mut dyn Probe,
+    ) -> Vec<f32> {
         let cfg = &self.config;
         let b = &self.blocks[layer];
         let eps = cfg.rms_norm_eps as f32;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let site = |role| Site { layer, role };
-        let mut normed = vec![0f32; x.len()];
-        rms_norm(x, &b.attn_norm, eps, &mut normed);
-        let mut q = project(&b.q, site(Role::QProj), &normed, n, probe);
-        let mut k = project(&b.k, site(Role::KProj), &normed, n, probe);
-        let v = project(&b.v, site(Role::VProj), &normed, n, probe);
+        let online = |role| self.plan.online_of(layer, role);
         let start = state.len();
         for t in 0..n {
             rope(&mut q[t * qd..(t + 1) * qd], hd, start + t, inv_freq);
             rope(&mut k[t * kvd..(t + 1) * kvd], hd, start + t, inv_freq);
+        }
+        if let Some(bits) = self.plan.attention.q_bits {
+            q.chunks_exact_mut(hd)
+                .for_each(|head| fake_quant_query(head, bits));
         }
         state.append(&k, &v, n);
         let state = &*state;
@@ -612,7 +806,7 @@ impl<L: Linear> Transformer<'_, L> {
             rms_norm(&out, w, eps, &mut s);
             out = s;
         }
-        project(&b.o, site(Role::OProj), &out, n, probe)
+        project(&b.o, site(Role::OProj), &out, n, online(Role::OProj), probe)
     }
 
     /// The feed-forward half of block `layer` for the residual stream `x` (`[n, hidden]`):
@@ -622,10 +816,25 @@ impl<L: Linear> Transformer<'_, L> {
         let b = &self.blocks[layer];
         let eps = cfg.rms_norm_eps as f32;
         let site = |role| Site { layer, role };
+        let online = |role| self.plan.online_of(layer, role);
         let mut normed = vec![0f32; x.len()];
         rms_norm(x, &b.ffn_norm, eps, &mut normed);
-        let mut g = project(&b.gate, site(Role::GateProj), &normed, n, probe);
-        let u = project(&b.up, site(Role::UpProj), &normed, n, probe);
+        let mut g = project(
+            &b.gate,
+            site(Role::GateProj),
+            &normed,
+            n,
+            online(Role::GateProj),
+            probe,
+        );
+        let u = project(
+            &b.up,
+            site(Role::UpProj),
+            &normed,
+            n,
+            online(Role::UpProj),
+            probe,
+        );
         for (gv, uv) in g.iter_mut().zip(&u) {
             let a = match cfg.hidden_act {
                 Activation::Relu2 => {
@@ -641,7 +850,14 @@ impl<L: Linear> Transformer<'_, L> {
             rms_norm(&g, w, eps, &mut s);
             g = s;
         }
-        project(&b.down, site(Role::DownProj), &g, n, probe)
+        project(
+            &b.down,
+            site(Role::DownProj),
+            &g,
+            n,
+            online(Role::DownProj),
+            probe,
+        )
     }
 
     /// The final norm and the head on the residual stream `x` (`[n, hidden]`): `[n, vocab]`.

@@ -1,16 +1,20 @@
 //! The packed path: a model executed from a .bpk file with integer arithmetic. Each projection
-//! quantizes its input per token to int8, takes ternary x int8 dot products straight from the
-//! packed bytes with exact i32 accumulation, and applies `scale / s_x` once per output.
+//! quantizes its input per token (int8 or int4, as the file's scheme says), takes ternary x
+//! integer dot products straight from the packed bytes with exact i32 accumulation, and applies
+//! `scale / s_x` once per output.
 
 use rayon::prelude::*;
 
 use super::RunError;
-use super::kernels::{dot, dot_trits_f32, padded_len, quantize_activation};
-use super::model::{Block, FloatMatrix, Linear, Transformer};
-use crate::format::header::{ActivationRule, WeightRule};
+use super::assemble::{Parts, assemble};
+use super::kernels::{dot, dot_trits_f32, padded_len};
+use super::model::{FloatMatrix, Linear, Transformer};
+use super::plan::QuantPlan;
+use crate::format::header::WeightRule;
 use crate::format::{BpkFile, TensorEntry, validate_bytes_into};
 use crate::model::Role;
 use crate::pack::TernaryLayout;
+use crate::quant::ActQuant;
 
 /// A ternary projection read in place from the file.
 pub struct TernaryLinear<'a> {
@@ -20,9 +24,8 @@ pub struct TernaryLinear<'a> {
     pub row_bytes: usize,
     pub data: &'a [u8],
     pub scale: f32,
-    /// Whether inputs are quantized to int8 per token (the BitNet b1.58 scheme) or taken as
-    /// they are (the `none` scheme).
-    pub quantize_input: bool,
+    /// The quantizer of the input (int8 or int4 per token, or none).
+    pub act: ActQuant,
 }
 
 impl TernaryLinear<'_> {
@@ -43,7 +46,7 @@ impl Linear for TernaryLinear<'_> {
     }
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (k, rows) = (self.k, self.rows);
-        if !self.quantize_input {
+        if !self.act.is_quantized() {
             y.par_chunks_mut(rows)
                 .zip(x.par_chunks(k))
                 .for_each(|(yt, xt)| {
@@ -59,7 +62,7 @@ impl Linear for TernaryLinear<'_> {
         let mut factors = Vec::with_capacity(n);
         let mut sums = Vec::with_capacity(n);
         for (xt, qt) in x.chunks_exact(k).zip(q.chunks_exact_mut(padded)) {
-            let s = quantize_activation(xt, qt);
+            let s = self.act.quantize(xt, qt);
             factors.push(self.scale / s);
             sums.push(qt.iter().map(|&v| i32::from(v)).sum::<i32>());
         }
@@ -86,21 +89,9 @@ impl Linear for TernaryLinear<'_> {
 }
 
 /// Loads a model from a .bpk file. The whole file is validated first (checksums, codes, finite
-/// values), so a damaged file is refused rather than run.
+/// values, the scheme against the model), so a damaged file is refused rather than run.
 pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunError> {
     let q = &file.header.quantization;
-    let act = &q.activations;
-    let quantize_input = act.rule == ActivationRule::AbsmaxPerToken;
-    if (quantize_input && act.bits != 8) || !q.online_rotations.is_empty() {
-        return Err(RunError::UnsupportedScheme {
-            reason: format!(
-                "activations {:?} int{} with {} online rotation site(s); this runner executes per-token absmax int8 (or unquantized) activations without rotations",
-                act.rule,
-                act.bits,
-                q.online_rotations.len()
-            ),
-        });
-    }
     if q.weights.rule != WeightRule::AbsmeanPerTensor {
         return Err(RunError::UnsupportedScheme {
             reason: format!("weight rule {:?}", q.weights.rule),
@@ -117,32 +108,55 @@ pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunErr
         });
     }
     let cfg = file.header.model.clone();
-    let find = |role: Role, layer: Option<usize>| -> Result<&TensorEntry, RunError> {
-        file.header
+    let plan = QuantPlan::new(q, &cfg)?;
+    assemble(cfg, plan, &FileParts { file })
+}
+
+/// Tensors of a validated .bpk file.
+struct FileParts<'a> {
+    file: &'a BpkFile,
+}
+
+impl FileParts<'_> {
+    fn find(&self, role: Role, layer: Option<usize>) -> Result<&TensorEntry, RunError> {
+        self.file
+            .header
             .tensors
             .iter()
             .find(|t| t.role == role && t.layer.map(|l| l as usize) == layer)
             .ok_or_else(|| RunError::Missing {
                 what: super::describe_site(role, layer),
             })
-    };
-    let floats = |role, layer| -> Result<Vec<f32>, RunError> {
-        Ok(file.dequantize_f32(find(role, layer)?)?)
-    };
-    let matrix = |e: &TensorEntry| -> Result<FloatMatrix<'_>, RunError> {
+    }
+}
+
+impl<'a> Parts<'a> for FileParts<'a> {
+    type Linear = TernaryLinear<'a>;
+
+    fn floats(&self, role: Role, layer: Option<usize>) -> Result<Vec<f32>, RunError> {
+        Ok(self.file.dequantize_f32(self.find(role, layer)?)?)
+    }
+
+    fn matrix(&self, role: Role) -> Result<FloatMatrix<'a>, RunError> {
+        let e = self.find(role, None)?;
         let dtype = e.encoding.float().ok_or_else(|| RunError::Missing {
             what: format!("float data for {}", e.name),
         })?;
-        let bytes = file.raw(e)?;
         Ok(FloatMatrix {
             dtype,
-            bytes,
+            bytes: self.file.raw(e)?,
             rows: e.shape[0] as usize,
             cols: e.shape[1] as usize,
         })
-    };
-    let ternary = |role, layer| -> Result<TernaryLinear<'_>, RunError> {
-        let e = find(role, Some(layer))?;
+    }
+
+    fn linear(
+        &self,
+        role: Role,
+        layer: usize,
+        act: ActQuant,
+    ) -> Result<TernaryLinear<'a>, RunError> {
+        let e = self.find(role, Some(layer))?;
         let layout = e.encoding.ternary().ok_or_else(|| RunError::Missing {
             what: format!("ternary data for {}", e.name),
         })?;
@@ -152,48 +166,11 @@ pub fn load(file: &BpkFile) -> Result<Transformer<'_, TernaryLinear<'_>>, RunErr
             rows,
             k,
             row_bytes: layout.row_bytes(k),
-            data: file.stored(e),
+            data: self.file.stored(e),
             scale: e
                 .scale_f32()
                 .expect("validated: ternary tensors have an f32 scale"),
-            quantize_input,
+            act,
         })
-    };
-    let mut blocks = Vec::with_capacity(cfg.num_layers);
-    for l in 0..cfg.num_layers {
-        let sub = cfg.family.has_sub_norms();
-        blocks.push(Block {
-            attn_norm: floats(Role::AttnNorm, Some(l))?,
-            q: ternary(Role::QProj, l)?,
-            k: ternary(Role::KProj, l)?,
-            v: ternary(Role::VProj, l)?,
-            attn_sub_norm: if sub {
-                Some(floats(Role::AttnSubNorm, Some(l))?)
-            } else {
-                None
-            },
-            o: ternary(Role::OProj, l)?,
-            ffn_norm: floats(Role::FfnNorm, Some(l))?,
-            gate: ternary(Role::GateProj, l)?,
-            up: ternary(Role::UpProj, l)?,
-            ffn_sub_norm: if sub {
-                Some(floats(Role::FfnSubNorm, Some(l))?)
-            } else {
-                None
-            },
-            down: ternary(Role::DownProj, l)?,
-        });
     }
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(matrix(find(Role::LmHead, None)?)?)
-    };
-    Ok(Transformer {
-        embed: matrix(find(Role::Embedding, None)?)?,
-        final_norm: floats(Role::FinalNorm, None)?,
-        blocks,
-        lm_head,
-        config: cfg,
-    })
 }

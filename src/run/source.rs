@@ -1,22 +1,29 @@
 //! The source path: the original checkpoint executed in f32, projections on candle tensors.
 //!
-//! `qat` mode is the training forward of BitNet b1.58: the weights fake-quantized with the
-//! absmean rule (`T / s`) and the inputs fake-quantized per token (`round(x * s_x) / s_x`),
-//! then a float matmul. This is the semantics the packed model must reproduce. `fp` mode runs
-//! the weights as they are, with no quantization, to measure what quantization costs.
+//! `qat` mode is the training forward: the weights fake-quantized with the absmean rule
+//! (`T / s`) and the inputs fake-quantized per token with the scheme's quantizer (`q / s_x`),
+//! then a float matmul, with the scheme's online transforms and attention-state quantizers.
+//! This is the semantics the packed model must reproduce. `fp` mode runs the weights as they
+//! are (rotated, if the scheme says so), with no quantization, to measure what quantization
+//! costs.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::RunError;
-use super::kernels::ACT_QMAX;
-use super::model::{Block, FloatMatrix, Linear, Transformer};
+use super::assemble::{Parts, assemble};
+use super::model::{FloatMatrix, Linear, Transformer};
+use super::plan::QuantPlan;
+use crate::format::header::QuantScheme;
 use crate::model::Role;
-use crate::num::dtype::{decode_f32, first_non_finite};
-use crate::quant::{ACTIVATION_EPS, AbsmeanScale, abs_sum_f64, round_clamp};
+use crate::num::FloatDtype;
+use crate::num::dtype::{decode_f32, encode_f32, first_non_finite};
+use crate::quant::{AbsmeanScale, ActQuant, abs_sum_f64};
 use crate::source::{Checkpoint, SourceTensor};
+use crate::transform::Rotation;
 
 /// How the source checkpoint is executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -28,20 +35,28 @@ pub enum SourceMode {
     Fp,
 }
 
-/// A projection of the source checkpoint; the weights are decoded (and fake-quantized) when
-/// the projection runs, so the model is never held in f32 as a whole.
+/// A projection of the source checkpoint; the weights are decoded (rotated, fake-quantized)
+/// when the projection runs, so the model is never held in f32 as a whole.
 pub struct SourceLinear<'a> {
     ckpt: &'a Checkpoint,
     tensor: &'a SourceTensor,
     mode: SourceMode,
+    /// The quantizer of the input (`None` in `fp` mode).
+    act: ActQuant,
+    /// A rotation folded into the weights before they are ternarized, and the norm gain that
+    /// goes with it for a reader.
+    fold: Option<(Arc<Rotation>, Option<Vec<f32>>)>,
 }
 
 impl SourceLinear<'_> {
     fn weights(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.tensor.numel()];
         decode_f32(self.tensor.dtype, self.ckpt.bytes(self.tensor), &mut w);
+        let k = self.tensor.spec.shape[1];
+        if let Some((rotation, gain)) = &self.fold {
+            rotation.fold(self.tensor.spec.role, &mut w, k, gain.as_deref());
+        }
         if self.mode == SourceMode::Qat {
-            let k = self.tensor.spec.shape[1];
             let sum: f64 = w
                 .par_chunks(k)
                 .map(abs_sum_f64)
@@ -57,17 +72,6 @@ impl SourceLinear<'_> {
     }
 }
 
-/// The training forward's activation fake-quant, per token (row of `x`).
-pub fn fake_quant_activations(x: &mut [f32], k: usize) {
-    for row in x.chunks_exact_mut(k) {
-        let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = ACT_QMAX / absmax.max(ACTIVATION_EPS);
-        for v in row.iter_mut() {
-            *v = round_clamp(*v * s, -128.0, 127.0) / s;
-        }
-    }
-}
-
 impl Linear for SourceLinear<'_> {
     fn in_dim(&self) -> usize {
         self.tensor.spec.shape[1]
@@ -78,9 +82,8 @@ impl Linear for SourceLinear<'_> {
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (rows, k) = (self.out_dim(), self.in_dim());
         let mut xin = x.to_vec();
-        if self.mode == SourceMode::Qat {
-            fake_quant_activations(&mut xin, k);
-        }
+        xin.chunks_exact_mut(k)
+            .for_each(|token| self.act.fake_quant(token));
         let result = (|| -> candle_core::Result<Vec<f32>> {
             let xt = Tensor::from_vec(xin, (n, k), &Device::Cpu)?;
             let wt = Tensor::from_vec(self.weights(), (rows, k), &Device::Cpu)?;
@@ -91,12 +94,16 @@ impl Linear for SourceLinear<'_> {
     }
 }
 
-/// Builds the source model of an opened checkpoint. Every weight is checked to be finite first,
-/// as convert does: a NaN would otherwise run silently into all-NaN logits.
-pub fn load(
-    ckpt: &Checkpoint,
+/// Builds the source model of an opened checkpoint in `mode`, with the quantization `scheme`
+/// it is compared under (the scheme its config implies, or the one a conversion recorded;
+/// [`crate::convert::scheme`]). A residual rotation in the scheme is folded into the weights as
+/// the conversion folded it. Every weight is checked to be finite first, as convert does: a NaN
+/// would otherwise run silently into all-NaN logits.
+pub fn load<'a>(
+    ckpt: &'a Checkpoint,
     mode: SourceMode,
-) -> Result<Transformer<'_, SourceLinear<'_>>, RunError> {
+    scheme: &QuantScheme,
+) -> Result<Transformer<'a, SourceLinear<'a>>, RunError> {
     for t in &ckpt.tensors {
         if let Some((index, value)) = first_non_finite(t.dtype, ckpt.bytes(t)) {
             return Err(RunError::NonFinite {
@@ -107,69 +114,124 @@ pub fn load(
             });
         }
     }
-    let cfg = ckpt.config.clone();
-    let find = |role: Role, layer: Option<usize>| -> Result<&SourceTensor, RunError> {
-        ckpt.tensors
+    let mut cfg = ckpt.config.clone();
+    let rotation = match &scheme.residual_rotation {
+        Some(r) => Some(Arc::new(Rotation::new(&cfg, r.seed, &r.online).map_err(
+            |e| RunError::UnsupportedScheme {
+                reason: e.to_string(),
+            },
+        )?)),
+        None => None,
+    };
+    if rotation.is_some() {
+        // The rotated head is no longer the embedding.
+        cfg.tie_word_embeddings = false;
+    }
+    let plan = QuantPlan::new(scheme, &cfg)?;
+    let plan = match mode {
+        SourceMode::Qat => plan,
+        SourceMode::Fp => plan.unquantized(),
+    };
+    let parts = SourceParts {
+        ckpt,
+        mode,
+        rotation,
+    };
+    assemble(cfg, plan, &parts)
+}
+
+/// Tensors of a source checkpoint, rotated if the scheme says so.
+struct SourceParts<'a> {
+    ckpt: &'a Checkpoint,
+    mode: SourceMode,
+    rotation: Option<Arc<Rotation>>,
+}
+
+impl<'a> SourceParts<'a> {
+    fn find(&self, role: Role, layer: Option<usize>) -> Result<&'a SourceTensor, RunError> {
+        self.ckpt
+            .tensors
             .iter()
             .find(|t| t.spec.role == role && t.spec.layer == layer)
             .ok_or_else(|| RunError::Missing {
                 what: super::describe_site(role, layer),
             })
-    };
-    let floats = |role, layer| -> Result<Vec<f32>, RunError> {
-        let t = find(role, layer)?;
-        let mut v = vec![0f32; t.numel()];
-        decode_f32(t.dtype, ckpt.bytes(t), &mut v);
-        Ok(v)
-    };
-    let matrix = |t: &SourceTensor| FloatMatrix {
-        dtype: t.dtype,
-        bytes: Cow::Borrowed(ckpt.bytes(t)),
-        rows: t.spec.shape[0],
-        cols: t.spec.shape[1],
-    };
-    let linear = |role, l| -> Result<SourceLinear<'_>, RunError> {
-        Ok(SourceLinear {
-            ckpt,
-            tensor: find(role, Some(l))?,
-            mode,
-        })
-    };
-    let sub = cfg.family.has_sub_norms();
-    let mut blocks = Vec::with_capacity(cfg.num_layers);
-    for l in 0..cfg.num_layers {
-        blocks.push(Block {
-            attn_norm: floats(Role::AttnNorm, Some(l))?,
-            q: linear(Role::QProj, l)?,
-            k: linear(Role::KProj, l)?,
-            v: linear(Role::VProj, l)?,
-            attn_sub_norm: if sub {
-                Some(floats(Role::AttnSubNorm, Some(l))?)
-            } else {
-                None
-            },
-            o: linear(Role::OProj, l)?,
-            ffn_norm: floats(Role::FfnNorm, Some(l))?,
-            gate: linear(Role::GateProj, l)?,
-            up: linear(Role::UpProj, l)?,
-            ffn_sub_norm: if sub {
-                Some(floats(Role::FfnSubNorm, Some(l))?)
-            } else {
-                None
-            },
-            down: linear(Role::DownProj, l)?,
-        });
     }
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(matrix(find(Role::LmHead, None)?))
-    };
-    Ok(Transformer {
-        embed: matrix(find(Role::Embedding, None)?),
-        final_norm: floats(Role::FinalNorm, None)?,
-        blocks,
-        lm_head,
-        config: cfg,
-    })
+
+    fn decoded(&self, t: &SourceTensor) -> Vec<f32> {
+        let mut v = vec![0f32; t.numel()];
+        decode_f32(t.dtype, self.ckpt.bytes(t), &mut v);
+        v
+    }
+
+    /// The gain folded into a reader of `role` in block `layer` (with a rotation).
+    fn gain_for(&self, role: Role, layer: Option<usize>) -> Result<Option<Vec<f32>>, RunError> {
+        match Rotation::gain_role(role) {
+            Some(norm) if self.rotation.is_some() => {
+                let layer = if norm == Role::FinalNorm { None } else { layer };
+                Ok(Some(self.decoded(self.find(norm, layer)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl<'a> Parts<'a> for SourceParts<'a> {
+    type Linear = SourceLinear<'a>;
+
+    fn floats(&self, role: Role, layer: Option<usize>) -> Result<Vec<f32>, RunError> {
+        let t = self.find(role, layer)?;
+        let mut v = self.decoded(t);
+        if let Some(r) = &self.rotation {
+            let len = v.len();
+            r.fold(role, &mut v, len, None);
+        }
+        Ok(v)
+    }
+
+    fn matrix(&self, role: Role) -> Result<FloatMatrix<'a>, RunError> {
+        // A tied head is the embedding's data.
+        let t = match self.find(role, None) {
+            Err(_) if role == Role::LmHead => self.find(Role::Embedding, None)?,
+            other => other?,
+        };
+        let (rows, cols) = (t.spec.shape[0], t.spec.shape[1]);
+        let Some(r) = &self.rotation else {
+            return Ok(FloatMatrix {
+                dtype: t.dtype,
+                bytes: Cow::Borrowed(self.ckpt.bytes(t)),
+                rows,
+                cols,
+            });
+        };
+        let mut v = self.decoded(t);
+        r.fold(role, &mut v, cols, self.gain_for(role, None)?.as_deref());
+        let mut bytes = Vec::with_capacity(v.len() * 4);
+        encode_f32(FloatDtype::F32, &v, &mut bytes);
+        Ok(FloatMatrix {
+            dtype: FloatDtype::F32,
+            bytes: Cow::Owned(bytes),
+            rows,
+            cols,
+        })
+    }
+
+    fn linear(
+        &self,
+        role: Role,
+        layer: usize,
+        act: ActQuant,
+    ) -> Result<SourceLinear<'a>, RunError> {
+        let fold = match &self.rotation {
+            Some(r) => Some((r.clone(), self.gain_for(role, Some(layer))?)),
+            None => None,
+        };
+        Ok(SourceLinear {
+            ckpt: self.ckpt,
+            tensor: self.find(role, Some(layer))?,
+            mode: self.mode,
+            act,
+            fold,
+        })
+    }
 }

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use bitnet_pack::format::header::{ActivationRule, Header};
+use bitnet_pack::format::header::{ActivationScheme, Header};
 use bitnet_pack::format::{BpkFile, BpkWriter, TensorPlan};
 use bitnet_pack::model::{Activation, Family, Role};
 use bitnet_pack::num::dtype::decode_f32;
@@ -163,7 +163,7 @@ pub fn inject(src: &Path, dst: &Path, ckpt: &Checkpoint, defect: Defect, seed: u
             "every attn_sub_norm and ffn_sub_norm".to_string()
         }
         Defect::ActivationsNotQuantized => {
-            header.quantization.activations.rule = ActivationRule::None;
+            header.quantization.activations = ActivationScheme::none();
             "activation rule none".to_string()
         }
         Defect::RoundHalfAway => {
