@@ -36,8 +36,16 @@ pub enum FileError {
     },
     #[error("{path} already exists; pass --force to overwrite it")]
     Exists { path: PathBuf },
-    #[error("{path} is {kind}; --force only replaces a regular file")]
+    #[error("{path} is {kind}; an output replaces only a regular file")]
     TargetNotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} does not name a file (it ends in `/`); give a file name")]
+    NotAFileName { path: PathBuf },
+    #[error(
+        "{path} is a symbolic link to a file that does not exist; remove it or name another file"
+    )]
+    Dangling { path: PathBuf },
+    #[error("cannot create a temporary file in {dir}: {}", describe_io(error))]
+    Create { dir: PathBuf, error: io::Error },
     #[error("{path} is one of the inputs ({input}); write the output somewhere else")]
     TargetIsInput { path: PathBuf, input: PathBuf },
     #[error("{dir} does not exist or is not a directory; create it first")]
@@ -93,6 +101,18 @@ fn kind_of(m: &Metadata) -> &'static str {
 /// not block on a FIFO; anything but a regular file is refused before it is read.
 pub fn open_regular(path: &Path) -> Result<File, FileError> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Look first (a socket cannot even be opened: its open error would say "No such device").
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(FileError::NotRegular {
+                path: path.to_path_buf(),
+                kind: kind_of(&m),
+            });
+        }
+        Ok(_) => {}
+        Err(e) => return Err(FileError::io(path, e)),
+    }
+    // Then open without blocking and look again at what was opened (it may have changed).
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
@@ -153,23 +173,36 @@ pub fn stat(path: &Path) -> Result<Option<Metadata>, FileError> {
 /// Checks an output target before any work is done: its directory exists; if it exists, `force`
 /// was given, it is a regular file (or a symlink to one) and it is none of `inputs`.
 pub fn check_output(target: &Path, force: bool, inputs: &[PathBuf]) -> Result<(), FileError> {
+    if target.as_os_str().as_encoded_bytes().ends_with(b"/") || target.file_name().is_none() {
+        return Err(FileError::NotAFileName {
+            path: target.to_path_buf(),
+        });
+    }
     let dir = parent_dir(target);
     match std::fs::metadata(&dir) {
         Ok(m) if m.is_dir() => {}
         _ => return Err(FileError::NoDirectory { dir }),
     }
-    let Some(m) = stat(target)? else {
-        return Ok(());
-    };
-    if !force {
-        return Err(FileError::Exists {
+    if let Ok(link) = std::fs::symlink_metadata(target)
+        && link.file_type().is_symlink()
+        && std::fs::metadata(target).is_err()
+    {
+        return Err(FileError::Dangling {
             path: target.to_path_buf(),
         });
     }
+    let Some(m) = stat(target)? else {
+        return Ok(());
+    };
     if !m.is_file() {
         return Err(FileError::TargetNotRegular {
             path: target.to_path_buf(),
             kind: kind_of(&m),
+        });
+    }
+    if !force {
+        return Err(FileError::Exists {
+            path: target.to_path_buf(),
         });
     }
     use std::os::unix::fs::MetadataExt;
@@ -204,11 +237,19 @@ fn in_flight() -> std::sync::MutexGuard<'static, BTreeMap<u64, PathBuf>> {
 }
 
 /// Installs (once) a handler for SIGINT, SIGTERM and SIGHUP that removes every temporary output
-/// file in flight and exits with 128 + the signal number, as a shell reports a killed command.
+/// file in flight and exits with 128 + the signal number, as a shell reports a killed command;
+/// and one for SIGBUS (an input truncated while mapped) that removes them and exits 2.
 pub fn install_interrupt_cleanup() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(
+                libc::SIGBUS,
+                on_sigbus as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
         let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
             return;
         };
@@ -289,6 +330,8 @@ pub struct AtomicFile {
     target: PathBuf,
     force: bool,
     id: u64,
+    /// Slot in the table the SIGBUS handler reads.
+    slot: Option<usize>,
 }
 
 impl AtomicFile {
@@ -296,21 +339,38 @@ impl AtomicFile {
     /// [`AtomicFile::persist`] (it may appear meanwhile).
     pub fn create(target: &Path, force: bool) -> Result<Self, FileError> {
         use std::os::unix::fs::PermissionsExt;
-        let dir = parent_dir(target);
+        // A symlink target is written through: the file it points to is replaced, the link
+        // stays (the checks of `check_output` follow links too).
+        let target = match std::fs::symlink_metadata(target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                std::fs::canonicalize(target).map_err(|_| FileError::Dangling {
+                    path: target.to_path_buf(),
+                })?
+            }
+            _ => target.to_path_buf(),
+        };
+        // Leftovers of a killed earlier write to the same target.
+        remove_stale_temps(&target);
+        let dir = parent_dir(&target);
         let tmp = tempfile::Builder::new()
-            .prefix(&format!("{}{}.", temp_prefix(target), std::process::id()))
+            .prefix(&format!("{}{}.", temp_prefix(&target), std::process::id()))
             .suffix(".tmp")
             // The process umask applies, as for any file the user creates.
             .permissions(std::fs::Permissions::from_mode(0o666))
             .tempfile_in(&dir)
-            .map_err(|e| FileError::io(&dir, e))?;
+            .map_err(|error| FileError::Create {
+                dir: dir.clone(),
+                error: io::Error::new(error.kind(), error.kind().to_string()),
+            })?;
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         in_flight().insert(id, tmp.path().to_path_buf());
+        let slot = signal_safe_register(tmp.path());
         Ok(AtomicFile {
             tmp: Some(tmp),
-            target: target.to_path_buf(),
+            target,
             force,
             id,
+            slot,
         })
     }
 
@@ -363,6 +423,7 @@ impl AtomicFile {
             tmp.persist_noclobber(&target)
         };
         in_flight().remove(&self.id);
+        signal_safe_unregister(self.slot.take());
         persisted.map(|_| ()).map_err(|e| {
             if e.error.kind() == io::ErrorKind::AlreadyExists {
                 FileError::Exists { path: target }
@@ -376,6 +437,49 @@ impl AtomicFile {
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         in_flight().remove(&self.id);
+        signal_safe_unregister(self.slot.take());
+    }
+}
+
+/// Temporary files a SIGBUS handler may unlink: a fixed table of C strings, written with atomic
+/// operations only (a signal handler may not take a lock or free memory). The strings are
+/// leaked on purpose (a few per run), so that the handler never reads freed memory.
+const SAFE_SLOTS: usize = 64;
+static SAFE_PATHS: [std::sync::atomic::AtomicPtr<libc::c_char>; SAFE_SLOTS] =
+    [const { std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()) }; SAFE_SLOTS];
+
+fn signal_safe_register(path: &Path) -> Option<usize> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let ptr = c.into_raw();
+    SAFE_PATHS.iter().position(|slot| {
+        slot.compare_exchange(std::ptr::null_mut(), ptr, SeqCst, SeqCst)
+            .is_ok()
+    })
+}
+
+fn signal_safe_unregister(slot: Option<usize>) {
+    if let Some(i) = slot {
+        SAFE_PATHS[i].store(std::ptr::null_mut(), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// SIGBUS: an input file mapped into memory shrank under us (truncated while being read). The
+/// faulting access cannot be resumed: remove the temporary outputs, say what happened, exit 2.
+extern "C" fn on_sigbus(_: libc::c_int) {
+    for slot in &SAFE_PATHS {
+        let p = slot.load(std::sync::atomic::Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` is a leaked, NUL-terminated CString; unlink is async-signal-safe.
+            unsafe { libc::unlink(p) };
+        }
+    }
+    let msg: &[u8] = b"error: an input file changed size while it was being read (truncated or rewritten by another program); stopped, nothing was written\n";
+    // SAFETY: write and _exit are async-signal-safe.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(2);
     }
 }
 

@@ -4,6 +4,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Longest error message printed whole.
+const MAX_MESSAGE: usize = 2000;
+
 fn main() -> ExitCode {
     // clap prints usage errors itself and exits with code 2.
     let cli = bitnet_pack::cli::Cli::parse();
@@ -12,10 +15,18 @@ fn main() -> ExitCode {
     match bitnet_pack::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!(
-                "error: {}",
-                bitnet_pack::cli::escape_controls(&format!("{e:#}"))
-            );
+            // Very long messages (a hostile file's 100 KB tensor name) are cut.
+            let mut text = format!("{e:#}");
+            if text.len() > MAX_MESSAGE {
+                let cut = (0..=MAX_MESSAGE)
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                let more = text.len() - cut;
+                text.truncate(cut);
+                text.push_str(&format!("... ({more} more bytes)"));
+            }
+            bitnet_pack::cli::say(&format!("error: {text}"));
             ExitCode::from(bitnet_pack::cli::EXIT_ERROR)
         }
     }

@@ -200,7 +200,7 @@ fn force_replaces_only_regular_files_that_are_not_inputs() {
     let fifo = tmp.path().join("fifo");
     mkfifo(&fifo);
     let o = bin_deadline(&["convert", s(d.path()), "-o", s(&fifo), "--force"], 20);
-    fails(&o, &["FIFO", "--force only replaces a regular file"]);
+    fails(&o, &["FIFO", "an output replaces only a regular file"]);
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
     let o = bin_deadline(&["unpack", s(&bpk), "-o", s(&fifo), "--force"], 20);
     fails(&o, &["FIFO"]);
@@ -489,13 +489,20 @@ fn validate_checks_what_run_relies_on_and_inspect_escapes_header_strings() {
     // A header string with terminal escape codes reaches no terminal raw.
     let esc = tmp.path().join("esc.bpk");
     rewrite_header(&bpk, &esc, |h| {
-        h.model.architecture = "Bit\u{1b}[31mNet\u{7}".into();
         h.provenance.tool = "\u{1b}]0;owned\u{7}".into();
+        h.provenance.source_files[0].name = "Bit\u{1b}[31mNet".into();
     });
     let o = bin(&["inspect", s(&esc)]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(!stdout(&o).contains('\u{1b}') && !stdout(&o).contains('\u{7}'));
     assert!(stdout(&o).contains("Bit\\u{1b}[31mNet"), "{}", stdout(&o));
+    // An architecture string that is no supported architecture is refused, and escaped.
+    rewrite_header(&bpk, &esc, |h| {
+        h.model.architecture = "Bit\u{1b}[31mNet".into()
+    });
+    let o = bin(&["inspect", s(&esc)]);
+    fails(&o, &["not one of the supported pairs"]);
+    assert!(!stderr(&o).contains('\u{1b}'));
     // A zeroed header reports both the checksum and the JSON problem.
     let mut bytes = std::fs::read(&bpk).unwrap();
     for b in &mut bytes[64..200] {
@@ -535,7 +542,9 @@ fn the_source_path_refuses_non_finite_weights_as_convert_does() {
 
 #[test]
 fn configs_that_cannot_be_honoured_are_refused() {
-    let edits: [(&str, serde_json::Value, &str); 4] = [
+    let edits: [(&str, serde_json::Value, &str); 6] = [
+        ("rope_theta", serde_json::json!(1e-300), "rope_theta"),
+        ("rms_norm_eps", serde_json::json!(5.0), "rms_norm_eps"),
         ("rope_scaling", serde_json::json!("yarn"), "rope_scaling"),
         (
             "rope_scaling",
@@ -703,4 +712,216 @@ fn outputs_get_the_usual_permissions_and_logits_are_written_atomically() {
     assert_ne!(std::fs::metadata(&logits).unwrap().ino(), ino);
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&logits).unwrap()).unwrap();
     assert_eq!(v["tokens"], serde_json::json!([1, 2]));
+}
+
+/// What a second campaign found after the first round of fixes.
+#[test]
+fn outputs_never_overwrite_any_file_of_the_model_they_read() {
+    let d = copy_fixture("tiny-sharded");
+    for victim in [
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "config.json",
+    ] {
+        let p = d.path().join(victim);
+        let before = sha256(&p);
+        let o = bin(&[
+            "run",
+            s(d.path()),
+            "--tokens",
+            "1,2",
+            "--logits-json",
+            s(&p),
+        ]);
+        fails(&o, &["one of the inputs"]);
+        assert_eq!(sha256(&p), before, "{victim} was changed");
+    }
+}
+
+#[test]
+fn generated_text_keeps_split_characters_and_escapes_controls() {
+    // This prompt makes the tiny model end on a two-byte character split over two tokens.
+    let o = bin(&[
+        "run",
+        s(&fixture("tiny-hf-saved")),
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "54",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.trim_end().ends_with("o\u{612}"), "{out:?}");
+    assert!(
+        !out.chars().any(|c| c.is_control() && c != '\n'),
+        "raw control characters in {out:?}"
+    );
+}
+
+#[test]
+fn failures_to_write_diagnostics_are_not_crashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let out = tmp.path().join("x.bpk");
+    let st = Command::new(env!("CARGO_BIN_EXE_bitnet-pack"))
+        .args(["convert", s(&fixture("tiny-hf-saved")), "-o", s(&out)])
+        .stdout(Stdio::null())
+        .stderr(full.try_clone().unwrap())
+        .status()
+        .unwrap();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "a full stderr made a successful conversion fail"
+    );
+    let st = Command::new(env!("CARGO_BIN_EXE_bitnet-pack"))
+        .args(["inspect", s(&tmp.path().join("missing.bpk"))])
+        .stdout(Stdio::null())
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(2));
+    // validate --json prints nothing at all when the file cannot be read.
+    let o = bin(&["validate", s(&tmp.path().join("missing.bpk")), "--json"]);
+    assert_eq!(code(&o), 2);
+    assert_eq!(stdout(&o), "");
+}
+
+#[test]
+fn an_input_truncated_while_mapped_is_an_error_not_a_crash() {
+    let src = tempfile::tempdir().unwrap();
+    sizeable_checkpoint(src.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.bpk");
+    convert_ok(src.path(), &good, &[]);
+    let mut saw_message = false;
+    for delay_ms in [1u64, 5, 15, 40, 80] {
+        let victim = tmp.path().join("victim.bpk");
+        std::fs::copy(&good, &victim).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_bitnet-pack"))
+            .args(["validate", s(&victim), "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        // Exit 0 (read before the cut), 1 (cut before it was opened) or 2 (cut while mapped):
+        // never killed by SIGBUS.
+        assert!(
+            o.status.code().is_some(),
+            "killed by a signal: {:?}",
+            o.status
+        );
+        saw_message |= stderr(&o).contains("changed size while it was being read");
+    }
+    eprintln!("truncation while mapped caught in flight: {saw_message}");
+}
+
+#[test]
+fn targets_are_checked_as_names_and_symlinks_are_written_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-2b4t-qat");
+    // A trailing slash is not a file name: refused before any work.
+    let o = bin(&[
+        "convert",
+        s(&src),
+        "-o",
+        &format!("{}/newdir/", tmp.path().display()),
+    ]);
+    fails(&o, &["does not name a file"]);
+    // --force through a symlink replaces the file it points to; the link stays.
+    let real = tmp.path().join("real.bpk");
+    std::fs::write(&real, b"old").unwrap();
+    let link = tmp.path().join("link.bpk");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let o = bin(&["convert", s(&src), "-o", s(&link), "--force", "--quiet"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(code(&bin(&["validate", s(&real)])), 0);
+    // A dangling link is named as such.
+    let dangling = tmp.path().join("dangling.bpk");
+    std::os::unix::fs::symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+    fails(
+        &bin(&["convert", s(&src), "-o", s(&dangling), "--force"]),
+        &["symbolic link to a file that does not exist"],
+    );
+    // A stale temporary file of --logits-json is removed by the next run.
+    let stale = tmp.path().join(".l.json.99999999.abc.tmp");
+    std::fs::write(&stale, b"x").unwrap();
+    let o = bin(&[
+        "run",
+        s(&real),
+        "--tokens",
+        "1",
+        "--logits-json",
+        s(&tmp.path().join("l.json")),
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stale.exists());
+}
+
+#[test]
+fn options_that_would_be_ignored_are_refused() {
+    let src = fixture("tiny-hf-saved");
+    for args in [
+        vec!["run", s(&src), "--prompt", "the", "--logits-json", "x.json"],
+        vec!["run", s(&src), "--tokens", "1", "--max-new-tokens", "4"],
+        vec!["run", s(&src), "--tokens", "1", "--tokenizer", "t.json"],
+    ] {
+        assert_eq!(code(&bin(&args)), 2, "{args:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = converted(tmp.path(), "tiny-hf-saved");
+    let o = bin(&["parity", s(&src), s(&bpk), "--tokens", "1,2", "--seed", "3"]);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn validate_holds_the_header_to_the_spec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = converted(tmp.path(), "tiny-2b4t-qat");
+    use bitnet_pack::format::{PREAMBLE_LEN, Preamble};
+    let bytes = std::fs::read(&bpk).unwrap();
+    let pre = Preamble::parse(bytes[..PREAMBLE_LEN].try_into().unwrap()).unwrap();
+    let end = PREAMBLE_LEN + pre.header_len as usize;
+    // A newline after the JSON object (only spaces may follow it), re-checksummed.
+    let mut b = bytes.clone();
+    let text_end = PREAMBLE_LEN
+        + std::str::from_utf8(&b[PREAMBLE_LEN..end])
+            .unwrap()
+            .trim_end()
+            .len();
+    b[text_end] = b'\n';
+    let sha = Preamble::compute_sha256(&pre.head_bytes(), &b[PREAMBLE_LEN..end]);
+    b[32..64].copy_from_slice(&sha);
+    let p = tmp.path().join("nl.bpk");
+    std::fs::write(&p, b).unwrap();
+    let o = bin(&["validate", s(&p)]);
+    assert_eq!(code(&o), 1);
+    assert!(stdout(&o).contains("HeaderJson"), "{}", stdout(&o));
+    // Activation bits that no rule defines.
+    let bad = tmp.path().join("bits.bpk");
+    rewrite_header(&bpk, &bad, |h| h.quantization.activations.bits = 64);
+    let o = bin(&["validate", s(&bad)]);
+    assert_eq!(code(&o), 1);
+    assert!(stdout(&o).contains("BadScheme"), "{}", stdout(&o));
+    fails(
+        &bin(&["run", s(&bad), "--tokens", "1"]),
+        &["scheme in the header is unusable"],
+    );
 }

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::Path;
 
 use super::parity::DEFAULT_RANDOM_TOKENS;
-use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, with_threads};
+use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, say, with_threads};
 use crate::compare::parity::{parity, random_tokens};
 use crate::convert::scheme::{SchemeOptions, parse_sites};
 use crate::convert::{ConvertError, ConvertOptions, convert_verified};
@@ -61,7 +61,10 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         bar.set_length(t);
     }
     for p in crate::fsio::remove_stale_temps(&a.output) {
-        eprintln!("removed {}, left by an interrupted conversion", p.display());
+        say(&format!(
+            "removed {}, left by an interrupted conversion",
+            p.display()
+        ));
     }
     let start = Instant::now();
     // Filled by a passing verification, for the summary line.
@@ -86,7 +89,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             Ok(())
         } else {
             Err(format!(
-                "packed vs source parity failed: {}; run `bitnet-pack parity` on a kept file for details",
+                "packed vs source parity failed: {}; the file was not written: convert without --verify and run `bitnet-pack parity` on it for the full report",
                 report.verdict.diagnosis
             ))
         }
@@ -96,12 +99,12 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     })?;
     bar.finish_and_clear();
     if let Err(e @ ConvertError::VerifyFailed { .. }) = &result {
-        eprintln!("error: {e}");
+        say(&format!("error: {e}"));
         return Ok(ExitCode::from(EXIT_CHECK_FAILED));
     }
     let summary = result.with_context(|| format!("could not convert {}", a.src.display()))?;
     for note in &summary.notes {
-        eprintln!("note: {note}");
+        say(&format!("note: {note}"));
     }
     if !a.quiet {
         let h = &summary.header;
@@ -113,7 +116,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         let params: u64 = ternary.iter().filter_map(|t| t.numel()).sum();
         let bytes: u64 = ternary.iter().map(|t| t.length).sum();
         let secs = start.elapsed().as_secs_f64();
-        eprintln!(
+        say(&format!(
             "wrote {}: {} ({}), {} tensors, {} ternary weights in {} ({:.3} bits/weight, layout {}) in {:.2} s ({}/s of source)",
             a.output.display(),
             h.model.architecture,
@@ -125,9 +128,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             opts.layout.as_str(),
             secs,
             human_bytes((summary.source_tensor_bytes as f64 / secs.max(1e-9)) as u64),
-        );
+        ));
         if let Some(r) = &h.quantization.residual_rotation {
-            eprintln!(
+            say(&format!(
                 "rotated: randomized Hadamard (seed {}) folded into the weights before ternarization, with online Hadamard transforms at {}. In full precision this computes the same function; under BitNet's quantizers it does not: the folded norm gains and the rotation change what each activation quantizer sees, the rotated weights are ternarized anew, and the sub-norm gains in front of o_proj and down_proj stay in place (they cannot be folded across an activation quantizer).",
                 r.seed,
                 r.online
@@ -135,13 +138,13 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
                     .map(|r| r.as_str())
                     .collect::<Vec<_>>()
                     .join(" and ")
-            );
+            ));
         }
         if let Some((n, rel_l2, top1)) = *verified.lock().unwrap_or_else(|e| e.into_inner()) {
-            eprintln!(
+            say(&format!(
                 "verified: packed vs source (qat) on {n} random tokens, every block and projection locally: PASS (end to end: logits rel L2 {rel_l2:.2e}, top-1 agreement {:.1}%)",
                 100.0 * top1
-            );
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)

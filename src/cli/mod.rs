@@ -93,15 +93,21 @@ pub struct RunArgs {
     /// A .bpk file, or an HF model directory (run in f32).
     pub model: PathBuf,
     /// Comma-separated token ids to run (prints the arg max at every position).
-    #[arg(long, value_delimiter = ',', conflicts_with = "prompt")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "prompt",
+        required_unless_present = "prompt"
+    )]
     pub tokens: Option<Vec<u32>>,
     /// Text to continue greedily (needs tokenizer.json beside the model, or --tokenizer).
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Tokens to generate after --prompt.
-    #[arg(long, default_value_t = 32)]
-    pub max_new_tokens: usize,
-    /// Write the logits of every position to this JSON file ({"tokens", "logits"}).
+    /// Tokens to generate after --prompt (default 32).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// With --tokens: write the logits of every position to this JSON file
+    /// ({"tokens", "logits"}), or `-` for standard output.
     #[arg(long)]
     pub logits_json: Option<PathBuf>,
     /// For a source directory: qat (default) or fp.
@@ -130,9 +136,9 @@ pub struct ParityArgs {
     /// Number of random token ids (the default input, 16 tokens).
     #[arg(long)]
     pub random_tokens: Option<usize>,
-    /// Seed of --random-tokens.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the random tokens (the default input, or --random-tokens).
+    #[arg(long, conflicts_with_all = ["tokens", "text"])]
+    pub seed: Option<u64>,
     /// qat: must match (exit 1 if not); fp: report the quantization loss (exit 0).
     #[arg(long, value_enum, default_value = "qat")]
     pub against: ModeArg,
@@ -345,13 +351,21 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Writes one line to stderr, control characters escaped; a stderr that cannot be written
+/// (closed, full) is not an error and never a panic.
+pub fn say(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{}", escape_controls(line));
+}
+
 /// Writes to stdout, control characters escaped; a closed pipe (`| head`) is not an error.
 fn print(text: &str) -> anyhow::Result<()> {
     let text = escape_controls(text);
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
+        Err(e) => Err(anyhow::Error::new(e).context("could not write to standard output")),
+        Ok(()) => Ok(()),
     }
 }
 

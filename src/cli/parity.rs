@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 
 use super::{
-    EXIT_CHECK_FAILED, ModeArg, ParityArgs, check_token_count, load_tokenizer, print, with_threads,
+    EXIT_CHECK_FAILED, ModeArg, ParityArgs, check_token_count, load_tokenizer, print, say,
+    with_threads,
 };
 use crate::compare::parity::{ParityReport, parity, random_tokens};
 use crate::format::BpkFile;
@@ -24,7 +25,7 @@ fn execute(a: &ParityArgs) -> anyhow::Result<ExitCode> {
     let ckpt = Checkpoint::open(&a.source)
         .with_context(|| format!("could not open {}", a.source.display()))?;
     for note in &ckpt.notes {
-        eprintln!("note: {note}");
+        say(&format!("note: {note}"));
     }
     let file = BpkFile::open(&a.packed)
         .with_context(|| format!("could not read {}", a.packed.display()))?;
@@ -41,7 +42,7 @@ fn execute(a: &ParityArgs) -> anyhow::Result<ExitCode> {
         (None, None, n) => {
             let n = n.unwrap_or(DEFAULT_RANDOM_TOKENS);
             check_token_count("--random-tokens", n, ckpt.config.max_position_embeddings)?;
-            random_tokens(n, ckpt.config.vocab_size, a.seed)
+            random_tokens(n, ckpt.config.vocab_size, a.seed.unwrap_or(0))
         }
         _ => bail!("give at most one of --tokens, --text, --random-tokens"),
     };

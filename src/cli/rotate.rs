@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 
-use super::{KeepArg, RotateArgs, human_bytes, with_threads};
+use super::{KeepArg, RotateArgs, human_bytes, say, with_threads};
 use crate::convert::rotate::{RotateOptions, rotate};
 use crate::num::FloatDtype;
 
@@ -21,7 +21,7 @@ pub fn run(a: RotateArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = with_threads(a.threads, || rotate(&a.src, &a.output, &opts))?
         .with_context(|| format!("could not rotate {}", a.src.display()))?;
-    eprintln!(
+    say(&format!(
         "wrote {}: {} tensors ({}, {}), residual stream rotated by a randomized Hadamard (seed {}), norm gains folded, head untied{}",
         a.output.display(),
         summary.tensors,
@@ -33,10 +33,10 @@ pub fn run(a: RotateArgs) -> anyhow::Result<ExitCode> {
         } else {
             format!("; copied {}", summary.copied.join(", "))
         }
-    );
+    ));
     if summary.quantized_source {
-        eprintln!(
-            "note: the source declares BitNet quantization: the rotated checkpoint computes the same function in full precision, not under that quantization (the quantizers see rotated activations, and the rotated weights are ternarized anew)"
+        say(
+            "note: the source declares BitNet quantization: the rotated checkpoint computes the same function in full precision, not under that quantization (the quantizers see rotated activations, and the rotated weights are ternarized anew)",
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use super::{UnpackArgs, UnpackDtype};
+use super::{UnpackArgs, UnpackDtype, say};
 use crate::export::unpack;
 use crate::format::BpkFile;
 use crate::num::FloatDtype;
@@ -15,7 +15,10 @@ pub fn run(a: UnpackArgs) -> anyhow::Result<ExitCode> {
     crate::fsio::check_output(&a.output, a.force, std::slice::from_ref(&a.file))
         .with_context(|| format!("could not unpack {}", a.file.display()))?;
     for p in crate::fsio::remove_stale_temps(&a.output) {
-        eprintln!("removed {}, left by an interrupted run", p.display());
+        say(&format!(
+            "removed {}, left by an interrupted run",
+            p.display()
+        ));
     }
     let dtype = match a.dtype {
         UnpackDtype::F32 => FloatDtype::F32,
@@ -23,10 +26,10 @@ pub fn run(a: UnpackArgs) -> anyhow::Result<ExitCode> {
     };
     let n = unpack(&file, &a.output, dtype, a.force)
         .with_context(|| format!("could not unpack {}", a.file.display()))?;
-    eprintln!(
+    say(&format!(
         "wrote {}: {n} tensors as {}",
         a.output.display(),
         dtype.as_str()
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -27,20 +27,23 @@ pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     };
     let file = a.file.display().to_string();
     let mut write_error: Option<std::io::Error> = None;
-    if a.json {
-        let head = format!(
-            "{{\"schema_version\":{SCHEMA_VERSION},\"file\":{},\"findings\":[",
-            serde_json::to_string(&file)?
-        );
-        emit(head.as_bytes())?;
-    }
+    // Nothing is printed until the file could be read: the JSON head goes out with the first
+    // finding, or with the summary.
+    let head = format!(
+        "{{\"schema_version\":{SCHEMA_VERSION},\"file\":{},\"findings\":[",
+        serde_json::to_string(&file)?
+    );
     let mut first = true;
     let mut sink = |f: Finding| {
         if write_error.is_some() {
             return;
         }
         let text = if a.json {
-            let sep = if first { "\n" } else { ",\n" };
+            let sep = if first {
+                format!("{head}\n")
+            } else {
+                ",\n".to_string()
+            };
             format!("{sep}{}", serde_json::to_string(&f).unwrap_or_default())
         } else {
             format!("  [{}] {}\n", f.kind, escape_controls(&f.message))
@@ -61,7 +64,8 @@ pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
         v["ok"] = ok.into();
         let fields = serde_json::to_string(&v)?;
         // `fields` is an object: splice its members after the findings array.
-        format!("\n],{}\n", &fields[1..])
+        let opening = if first { head.as_str() } else { "" };
+        format!("{opening}\n],{}\n", &fields[1..])
     } else if ok {
         format!(
             "{}: ok (format {}, {} tensors, {} bytes of tensor data checked)\n",

@@ -266,8 +266,11 @@ pub fn declarations(file: &BpkFile, expected: &Expected) -> Vec<String> {
     let (want, q) = (&expected.scheme, &file.header.quantization);
     if q.weights != want.weights {
         out.push(format!(
-            "weight quantization: the source implies {:?}, the file declares {:?}",
-            want.weights, q.weights
+            "weight quantization: the source implies {} (eps {:e}), the file declares {} (eps {:e})",
+            name_of(&want.weights.rule),
+            want.weights.eps,
+            name_of(&q.weights.rule),
+            q.weights.eps
         ));
     }
     for role in Role::PROJECTIONS {
@@ -307,15 +310,31 @@ pub fn declarations(file: &BpkFile, expected: &Expected) -> Vec<String> {
         ));
     }
     if want.attention != q.attention {
+        let show = |a: &Option<crate::format::header::AttentionScheme>| match a {
+            None => "unquantized".to_string(),
+            Some(a) => format!(
+                "queries {}, keys and values {}",
+                a.q_bits
+                    .map_or("unquantized".into(), |b| format!("{b}-bit")),
+                a.kv_bits
+                    .map_or("unquantized".into(), |b| format!("{b}-bit"))
+            ),
+        };
         out.push(format!(
-            "attention states: the source implies {:?}, the file declares {:?}",
-            want.attention, q.attention
+            "attention states: the source implies {}, the file declares {}",
+            show(&want.attention),
+            show(&q.attention)
         ));
     }
     if want.residual_rotation != q.residual_rotation {
+        let show = |r: &Option<crate::format::header::ResidualRotation>| match r {
+            None => "none".to_string(),
+            Some(r) => format!("{} seed {}", r.transform, r.seed),
+        };
         out.push(format!(
-            "residual rotation: the source implies {:?}, the file declares {:?}",
-            want.residual_rotation, q.residual_rotation
+            "residual rotation: the source implies {}, the file declares {}",
+            show(&want.residual_rotation),
+            show(&q.residual_rotation)
         ));
     }
     for job in &expected.tensors {
@@ -343,6 +362,14 @@ pub fn declarations(file: &BpkFile, expected: &Expected) -> Vec<String> {
         }
     }
     out
+}
+
+/// The name serde writes for an enum value.
+fn name_of<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// An activation scheme in words.
@@ -873,20 +900,43 @@ fn verdict(r: &ParityReport) -> Verdict {
         ));
     }
     let first = r.blocks.iter().find(|b| !b.failures.is_empty());
+    // A NaN error is the largest there is.
+    let key = |x: f64| if x.is_nan() { f64::INFINITY } else { x };
     let culprit = first.and_then(|b| {
         b.projections
             .iter()
-            .max_by(|x, y| x.output.rel_l2.total_cmp(&y.output.rel_l2))
+            .max_by(|x, y| key(x.output.rel_l2).total_cmp(&key(y.output.rel_l2)))
     });
+    let declared = match r.declarations.first() {
+        Some(d) if r.declarations.len() > 1 => {
+            format!(
+                "the file declares what the source does not imply: {d} (and {} more); ",
+                r.declarations.len() - 1
+            )
+        }
+        Some(d) => format!("the file declares what the source does not imply: {d}; "),
+        None => String::new(),
+    };
     let diagnosis = match (first, culprit) {
         _ if failures.is_empty() => "every local check within tolerance".to_string(),
-        (Some(b), Some(p)) => format!(
-            "first failing block: {}; largest projection output error there: {} (rel L2 {:.3e}); {}",
-            b.layer,
-            p.role.as_str(),
-            p.output.rel_l2,
-            b.failures[0]
-        ),
+        (Some(b), Some(p)) => {
+            let projection = if within(p.output.rel_l2, t.projection_rel_l2)
+                && within(p.output.max_over_rms, t.projection_max_over_rms)
+            {
+                "every projection's output within tolerance".to_string()
+            } else {
+                format!(
+                    "largest projection output error there: {} (rel L2 {:.3e})",
+                    p.role.as_str(),
+                    p.output.rel_l2
+                )
+            };
+            format!(
+                "{declared}first failing block: {}: {}; {projection}",
+                b.layer, b.failures[0]
+            )
+        }
+        _ if !declared.is_empty() => declared.trim_end_matches("; ").to_string(),
         _ => failures[0].clone(),
     };
     Verdict {

@@ -480,7 +480,7 @@ pub fn rotated_floats(
 }
 
 /// Turns `[i]` into a multi-index for messages.
-pub(crate) fn unravel(mut index: usize, shape: &[usize]) -> Vec<usize> {
+pub fn unravel(mut index: usize, shape: &[usize]) -> Vec<usize> {
     let mut out = vec![0; shape.len()];
     for (o, &d) in out.iter_mut().zip(shape).rev() {
         *o = index % d.max(1);

@@ -11,7 +11,7 @@ use self::safetensors::{PlannedTensor, StWriteError, write_safetensors};
 use crate::format::{BpkFile, validate_bytes_into};
 use crate::fsio::FileError;
 use crate::num::FloatDtype;
-use crate::num::dtype::encode_f32;
+use crate::num::dtype::{STREAM_CHUNK, decode_f32, encode_f32};
 
 /// Export failed; nothing was written at the target.
 #[derive(Debug, thiserror::Error)]
@@ -70,13 +70,40 @@ pub fn unpack(
         ),
     ]);
     // One tensor in memory at a time, written beside the target and renamed at the end.
+    // One chunk of a tensor in memory at a time (plus the raw bytes of a compressed one).
     write_safetensors(out, force, &metadata, &planned, |i, w| {
-        let values = file
-            .dequantize_f32(&file.header.tensors[i])
-            .map_err(std::io::Error::other)?;
-        let mut buf = Vec::with_capacity(values.len() * dtype.size());
-        encode_f32(dtype, &values, &mut buf);
-        w.write_all(&buf)
+        let e = &file.header.tensors[i];
+        let raw = file.raw(e).map_err(std::io::Error::other)?;
+        let mut enc = Vec::new();
+        let mut put = |values: &[f32]| {
+            enc.clear();
+            encode_f32(dtype, values, &mut enc);
+            w.write_all(&enc)
+        };
+        if let Some(layout) = e.encoding.ternary() {
+            let k = e.shape[1] as usize;
+            let scale = e.scale_f32().unwrap_or(0.0);
+            let (rows_per_chunk, rb) = ((STREAM_CHUNK / k).max(1), layout.row_bytes(k));
+            let (mut trits, mut values) = (vec![0i8; k], Vec::with_capacity(rows_per_chunk * k));
+            for chunk in raw.chunks(rows_per_chunk * rb) {
+                values.clear();
+                for row in chunk.chunks_exact(rb) {
+                    layout
+                        .unpack_row(row, &mut trits)
+                        .map_err(std::io::Error::other)?;
+                    values.extend(trits.iter().map(|&t| scale * f32::from(t)));
+                }
+                put(&values)?;
+            }
+        } else if let Some(src) = e.encoding.float() {
+            let mut values = vec![0f32; STREAM_CHUNK];
+            for chunk in raw.chunks(STREAM_CHUNK * src.size()) {
+                let n = chunk.len() / src.size();
+                decode_f32(src, chunk, &mut values[..n]);
+                put(&values[..n])?;
+            }
+        }
+        Ok(())
     })?;
     Ok(planned.len())
 }

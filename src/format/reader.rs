@@ -404,6 +404,16 @@ pub(crate) fn parse_container_into(
         offset: PREAMBLE_LEN as u64 + e.valid_up_to() as u64,
     })?;
     let json_end = text.trim_end_matches(HEADER_PAD as char).len();
+    // One JSON object with nothing before it and only spaces after it (§3).
+    if !(text.starts_with('{') && text[..json_end].ends_with('}')) {
+        return Err(FormatError::HeaderJson {
+            line: 1,
+            column: 1,
+            reason:
+                "the header must be one JSON object, starting at byte 64, followed only by spaces"
+                    .into(),
+        });
+    }
     let header: Header =
         serde_json::from_str(&text[..json_end]).map_err(|e| FormatError::HeaderJson {
             line: e.line(),

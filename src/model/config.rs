@@ -107,7 +107,10 @@ pub enum ConfigError {
         "config.json has no `architectures` list; add e.g. \"architectures\": [\"BitNetForCausalLM\"]"
     )]
     NoArchitecture,
-    #[error("unknown architecture `{found}`; supported: {supported}")]
+    #[error(
+        "unknown architecture `{}`; supported: {supported}",
+        truncate(found, 100)
+    )]
     UnknownArchitecture { found: String, supported: String },
     #[error("config.json is missing `{key}`")]
     Missing { key: &'static str },
@@ -338,12 +341,32 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads, self.head_dim
             ));
         }
-        if !(self.rms_norm_eps.is_finite()
-            && self.rms_norm_eps > 0.0
-            && self.rope_theta.is_finite()
-            && self.rope_theta > 0.0)
+        // Real models use eps 1e-6..1e-5 and theta 1e4..1e6; values far outside overflow f32
+        // in the forward (theta 1e-300 gives infinite RoPE frequencies).
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps <= 0.1) {
+            return Err(format!(
+                "rms_norm_eps = {:e} is outside (0, 0.1]",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta >= 1.0 && self.rope_theta <= 1e12) {
+            return Err(format!(
+                "rope_theta = {:e} is outside [1, 1e12]",
+                self.rope_theta
+            ));
+        }
+        match SUPPORTED_ARCHITECTURES
+            .iter()
+            .find(|(name, _)| *name == self.architecture)
         {
-            return Err("rms_norm_eps and rope_theta must be finite and positive".into());
+            Some((_, family)) if *family == self.family => {}
+            _ => {
+                return Err(format!(
+                    "architecture {:?} with family {:?} is not one of the supported pairs",
+                    truncate(&self.architecture, 100),
+                    self.family
+                ));
+            }
         }
         Ok(())
     }
@@ -371,6 +394,14 @@ impl ModelConfig {
 }
 
 type Obj = serde_json::Map<String, Value>;
+
+/// `s` cut to at most `max` characters, for messages.
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
 
 /// Largest dimension we accept from a config: far beyond any real model, small enough that
 /// products of two dimensions cannot overflow a u64.

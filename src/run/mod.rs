@@ -37,12 +37,12 @@ pub enum RunError {
     #[error("the model has no {what}")]
     Missing { what: String },
     #[error(
-        "{path}: tensor `{tensor}` has a non-finite value {value} at flat index {index}; the checkpoint is damaged or was saved after a diverged training step"
+        "{path}: tensor `{tensor}` has a non-finite value {value} at index {index:?}; the checkpoint is damaged or was saved after a diverged training step"
     )]
     NonFinite {
         path: PathBuf,
         tensor: String,
-        index: usize,
+        index: Vec<usize>,
         value: f32,
     },
     #[error(transparent)]

@@ -109,7 +109,7 @@ pub fn load<'a>(
             return Err(RunError::NonFinite {
                 path: ckpt.shards[t.shard].path.clone(),
                 tensor: t.spec.name.clone(),
-                index,
+                index: crate::convert::unravel(index, &t.spec.shape),
                 value,
             });
         }

@@ -50,8 +50,17 @@ pub enum SourceError {
         "{path}: not a valid safetensors file ({reason}); the file may be truncated or corrupt, re-download or re-export it"
     )]
     Safetensors { path: PathBuf, reason: String },
-    #[error("{path}: tensor `{name}` is listed twice in the header")]
+    #[error("{path}: {} is listed twice in the header", if name == "__metadata__" { "the `__metadata__` entry".to_string() } else { format!("tensor `{name}`") })]
     DuplicateTensor { path: PathBuf, name: String },
+    #[error(
+        "{path}: tensor `{name}` is in this shard, but model.safetensors.index.json does not list it (transformers would not load it either); add it to the index's weight_map"
+    )]
+    NotInIndex { path: PathBuf, name: String },
+    #[error("{error} (note: {note})")]
+    WithNote {
+        note: String,
+        error: Box<SourceError>,
+    },
     #[error(
         "{path}: tensor `{tensor}` has dtype {dtype}; only F32, F16 and BF16 weights are supported"
     )]
@@ -216,6 +225,21 @@ impl Checkpoint {
     /// (`config.json` is always the directory's).
     pub fn open(path: &Path) -> Result<Self, SourceError> {
         let (dir, weights, note) = locate(path)?;
+        // When the weights were chosen among two candidates, an error says which.
+        Self::open_located(dir, weights, note.clone()).map_err(|error| match note {
+            Some(note) => SourceError::WithNote {
+                note,
+                error: Box::new(error),
+            },
+            None => error,
+        })
+    }
+
+    fn open_located(
+        dir: PathBuf,
+        weights: Weights,
+        note: Option<String>,
+    ) -> Result<Self, SourceError> {
         let config_path = dir.join(CONFIG_FILE);
         let config_bytes = read_small(&config_path, "config.json")?;
         let config =
@@ -232,6 +256,7 @@ impl Checkpoint {
         };
 
         let mut shards = Vec::with_capacity(shard_names.len());
+        let mut unrouted: Vec<(String, PathBuf)> = Vec::new();
         let mut found: BTreeMap<String, (usize, safetensors::tensor::TensorInfo, usize)> =
             BTreeMap::new();
         for (si, file_name) in shard_names.iter().enumerate() {
@@ -242,7 +267,10 @@ impl Checkpoint {
                     match map.get(&name) {
                         Some(target) if target == file_name => {}
                         // A tensor the index does not route here is ignored, as transformers does.
-                        _ => continue,
+                        _ => {
+                            unrouted.push((name, shard_path.clone()));
+                            continue;
+                        }
                     }
                 }
                 found.insert(name, (si, info, data_start));
@@ -259,7 +287,20 @@ impl Checkpoint {
                 }
             }
         }
-        let (tensors, skipped) = match_tensors(&dir, &config, &shards, found)?;
+        let (tensors, skipped) =
+            match_tensors(&dir, &config, &shards, found).map_err(|e| match e {
+                SourceError::MissingTensor { name, .. }
+                    if unrouted.iter().any(|(n, _)| *n == name) =>
+                {
+                    let path = unrouted
+                        .into_iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, p)| p)
+                        .unwrap_or_default();
+                    SourceError::NotInIndex { path, name }
+                }
+                other => other,
+            })?;
         Ok(Checkpoint {
             dir,
             config,

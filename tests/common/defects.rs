@@ -149,6 +149,7 @@ pub fn inject(src: &Path, dst: &Path, ckpt: &Checkpoint, defect: Defect, seed: u
         Defect::SubNormOmitted => {
             assert!(header.model.family.has_sub_norms());
             header.model.family = Family::Llama;
+            header.model.architecture = "LlamaForCausalLM".into();
             let keep: Vec<bool> = header
                 .tensors
                 .iter()
