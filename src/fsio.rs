@@ -352,6 +352,9 @@ impl AtomicFile {
         // Leftovers of a killed earlier write to the same target.
         remove_stale_temps(&target);
         let dir = parent_dir(&target);
+        // The interrupt handler takes this lock first: holding it from creation to
+        // registration means it never sees a temporary file it does not know of.
+        let mut registry = in_flight();
         let tmp = tempfile::Builder::new()
             .prefix(&format!("{}{}.", temp_prefix(&target), std::process::id()))
             .suffix(".tmp")
@@ -363,7 +366,8 @@ impl AtomicFile {
                 error: io::Error::new(error.kind(), error.kind().to_string()),
             })?;
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        in_flight().insert(id, tmp.path().to_path_buf());
+        registry.insert(id, tmp.path().to_path_buf());
+        drop(registry);
         let slot = signal_safe_register(tmp.path());
         Ok(AtomicFile {
             tmp: Some(tmp),
@@ -417,12 +421,16 @@ impl AtomicFile {
             }
         }
         let tmp = self.tmp.take().expect("present until persisted");
+        // Rename and unregister under the handler's lock: an interrupt either removes the
+        // temporary file before the rename or finds the target complete, never between.
+        let mut registry = in_flight();
         let persisted = if self.force {
             tmp.persist(&target)
         } else {
             tmp.persist_noclobber(&target)
         };
-        in_flight().remove(&self.id);
+        registry.remove(&self.id);
+        drop(registry);
         signal_safe_unregister(self.slot.take());
         persisted.map(|_| ()).map_err(|e| {
             if e.error.kind() == io::ErrorKind::AlreadyExists {
@@ -524,15 +532,18 @@ impl AtomicDir {
         }
         // Leftovers of a killed earlier run into the same target.
         remove_stale_temps(target);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = parent.join(format!(
             "{}{}.{}.tmp",
             temp_prefix(target),
             std::process::id(),
-            NEXT_ID.load(std::sync::atomic::Ordering::Relaxed)
+            id
         ));
+        // Created and registered under the interrupt handler's lock (see AtomicFile::create).
+        let mut registry = in_flight();
         std::fs::create_dir(&tmp).map_err(|e| FileError::io(&tmp, e))?;
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        in_flight().insert(id, tmp.clone());
+        registry.insert(id, tmp.clone());
+        drop(registry);
         Ok(AtomicDir {
             tmp: Some(tmp),
             target: target.to_path_buf(),
@@ -548,18 +559,24 @@ impl AtomicDir {
     /// Renames the directory onto the target (replacing an empty directory).
     pub fn persist(mut self) -> Result<(), FileError> {
         let tmp = self.tmp.take().expect("present until persisted");
+        // Under the interrupt handler's lock, as AtomicFile::persist.
+        let mut registry = in_flight();
         if let Ok(m) = std::fs::symlink_metadata(&self.target)
             && m.is_dir()
         {
             // Empty (checked at creation; remove_dir refuses otherwise).
-            std::fs::remove_dir(&self.target).map_err(|e| FileError::io(&self.target, e))?;
+            if let Err(e) = std::fs::remove_dir(&self.target) {
+                remove_temp(&tmp);
+                registry.remove(&self.id);
+                return Err(FileError::io(&self.target, e));
+            }
         }
         let result =
             std::fs::rename(&tmp, &self.target).map_err(|e| FileError::io(&self.target, e));
         if result.is_err() {
             remove_temp(&tmp);
         }
-        in_flight().remove(&self.id);
+        registry.remove(&self.id);
         result
     }
 }
