@@ -328,19 +328,25 @@ fn interrupted_conversions_clean_up_and_kill_9_leaves_only_recognisable_temp_fil
         unsafe { libc::kill(child.id() as i32, sig) };
         let st = child.wait().unwrap();
         assert_eq!(st.code(), Some(status), "signal {sig}: {st:?}");
+        // A signal that arrives as the rename completes finds a complete target; otherwise
+        // nothing is left.
         assert_eq!(
-            others(out_dir.path(), &[]),
+            others(out_dir.path(), &["out.bpk"]),
             Vec::<String>::new(),
             "signal {sig}"
         );
+        if out.exists() {
+            assert_eq!(code(&bin(&["validate", s(&out)])), 0, "a partial target");
+        }
     }
     // kill -9 at several points: the target is absent or complete, and anything else is a
     // temporary file named after the target and the killed process.
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("out.bpk");
+    let mut killed = Vec::new();
     for delay_ms in [0u64, 1, 5, 20, 60, 150] {
         let mut child = spawn_convert(src.path(), &out, &["--force", "--threads", "1"]);
-        let pid = child.id();
+        killed.push(child.id());
         if delay_ms > 0 {
             wait_for_temp(&mut child, out_dir.path());
             std::thread::sleep(Duration::from_millis(delay_ms));
@@ -349,8 +355,13 @@ fn interrupted_conversions_clean_up_and_kill_9_leaves_only_recognisable_temp_fil
         let st = child.wait().unwrap();
         assert!(st.signal() == Some(9) || st.success(), "{st:?}");
         for name in others(out_dir.path(), &["out.bpk"]) {
+            // A run killed before it could sweep leaves its predecessors' files too; each
+            // is named after the target and one of the killed processes.
             assert!(
-                name.starts_with(&format!(".out.bpk.{pid}.")) && name.ends_with(".tmp"),
+                killed
+                    .iter()
+                    .any(|pid| name.starts_with(&format!(".out.bpk.{pid}.")))
+                    && name.ends_with(".tmp"),
                 "unexpected file {name}"
             );
         }
@@ -924,4 +935,88 @@ fn validate_holds_the_header_to_the_spec() {
         &bin(&["run", s(&bad), "--tokens", "1"]),
         &["scheme in the header is unusable"],
     );
+}
+
+/// Scheme options that cannot be honoured: exit 2, naming the value and the accepted ones.
+#[test]
+fn scheme_options_that_cannot_be_honoured_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.bpk");
+    let cases: [(&str, &[&str], &[&str]); 7] = [
+        // FFN 352 = 11 * 32 has no Hadamard matrix.
+        (
+            "tiny-2b4t-qat",
+            &["--online-hadamard", "down_proj"],
+            &["352", "down_proj", "supported sizes", "108"],
+        ),
+        (
+            "tiny-2b4t-qat",
+            &["--online-hadamard", "o_proj,attn_norm"],
+            &["attn_norm", "not a projection", "o_proj, down_proj"],
+        ),
+        (
+            "tiny-2b4t-qat",
+            &["--kv-bits", "2"],
+            &["--kv-bits 2", "8, 4 or 3"],
+        ),
+        (
+            "tiny-2b4t-qat",
+            &["--q-bits", "3"],
+            &["--q-bits 3", "8 or 4"],
+        ),
+        (
+            "tiny-2b4t-qat",
+            &["--activations", "a5"],
+            &["a5", "a8, a4 or none"],
+        ),
+        (
+            "tiny-hf-saved",
+            &["--rotate", "hadamard"],
+            &["trained ternarization", "--force-requantize"],
+        ),
+        (
+            "tiny-2b4t-qat",
+            &["--rotate", "hadamard", "--force-requantize"],
+            &["down_proj", "352"],
+        ),
+    ];
+    for (name, flags, needles) in cases {
+        let src = fixture(name);
+        let mut args = vec!["convert", s(&src), "-o", s(&out)];
+        args.extend_from_slice(flags);
+        fails(&bin(&args), needles);
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn rotate_writes_a_new_directory_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-hf-llama");
+    // Not into the source, not into a non-empty directory.
+    fails(
+        &bin(&["rotate", s(&src), "-o", s(&src)]),
+        &["one of the inputs"],
+    );
+    let full = tmp.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), b"x").unwrap();
+    fails(
+        &bin(&["rotate", s(&src), "-o", s(&full)]),
+        &["not an empty directory"],
+    );
+    assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"x");
+    // A new directory, then an empty one: both work and leave no temporary directory.
+    let out = tmp.path().join("rot");
+    let o = bin(&["rotate", s(&src), "-o", s(&out), "--seed", "3"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = bin(&["rotate", s(&src), "-o", s(&empty)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }

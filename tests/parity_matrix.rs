@@ -24,7 +24,7 @@ use common::defects::{ALL_DEFECTS, Defect, inject};
 use common::*;
 
 /// Committed models: the fixtures made by our scripts and those saved by transformers itself.
-const MODELS: [&str; 7] = [
+const MODELS: [&str; 9] = [
     "tiny-2b4t-qat",
     "tiny-llama-fp",
     "tiny-awkward",
@@ -32,6 +32,8 @@ const MODELS: [&str; 7] = [
     "tiny-hf-saved",
     "tiny-hf-llama",
     "tiny-ties",
+    "tiny-hf-awkward",
+    "tiny-outliers",
 ];
 
 fn env_usize(key: &str, default: usize) -> usize {
@@ -126,9 +128,70 @@ fn run(ckpt: &Checkpoint, bpk: &Path, tokens: &[u32]) -> ParityReport {
         .unwrap_or_else(|e| panic!("{}: parity could not run: {e}", bpk.display()))
 }
 
+/// The conversions every model goes through: BitNet b1.58, and the BitNet v2 schemes and
+/// rotations where the model's widths have Hadamard matrices.
+const VARIANTS: [(&str, &[&str]); 7] = [
+    ("b1.58", &[]),
+    ("a4", &["--activations", "a4"]),
+    ("a8+H", &["--online-hadamard", "o_proj,down_proj"]),
+    (
+        "a4+H",
+        &[
+            "--activations",
+            "a4",
+            "--online-hadamard",
+            "o_proj,down_proj",
+        ],
+    ),
+    (
+        "a4.8+H kv4",
+        &[
+            "--activations",
+            "qkv=a4,o=a8,gate_up=a4,down=a8",
+            "--online-hadamard",
+            "o_proj,down_proj",
+            "--kv-bits",
+            "4",
+        ],
+    ),
+    ("kv3 q4", &["--kv-bits", "3", "--q-bits", "4"]),
+    (
+        "rotated a4",
+        &[
+            "--rotate",
+            "hadamard",
+            "--seed",
+            "7",
+            "--force-requantize",
+            "--activations",
+            "a4",
+        ],
+    ),
+];
+
+/// Records one correct-file run.
+fn record(tally: &mut Tally, r: &ParityReport, rs: &[f64; 8], len: usize) {
+    tally.runs += 1;
+    for (w, v) in tally.per_check.iter_mut().zip(rs) {
+        *w = w.max(*v);
+    }
+    let worst = rs.iter().cloned().fold(0f64, f64::max);
+    tally.extreme = Some(tally.extreme.map_or(worst, |e| e.max(worst)));
+    for b in &r.blocks {
+        for f in b.projections.iter().filter_map(|p| p.flips.as_ref()) {
+            tally.flips += f.flipped;
+            tally.near += f.near_boundary;
+        }
+    }
+    tally.positions += len;
+    tally.top1_differ += ((1.0 - r.logits.top1_agreement) * len as f64).round() as usize;
+    tally.wrong += usize::from(!r.verdict.pass);
+}
+
 #[test]
 fn parity_verdict_has_no_false_failures_and_no_misses() {
     let seeds = env_usize("BITNET_PACK_MATRIX_SEEDS", 20);
+    let variant_seeds = env_usize("BITNET_PACK_MATRIX_VARIANT_SEEDS", 3);
     let defect_seeds = env_usize("BITNET_PACK_MATRIX_DEFECT_SEEDS", 5);
     let lengths = lengths();
     let tmp = tempfile::tempdir().unwrap();
@@ -140,82 +203,91 @@ fn parity_verdict_has_no_false_failures_and_no_misses() {
         .map(|&d| (d, Tally::default(), 0))
         .collect();
     let mut problems = Vec::new();
+    let mut skipped = Vec::new();
     for (m, dir) in models().iter().enumerate() {
         let ckpt = Checkpoint::open(dir).unwrap();
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let bpk = tmp.path().join(format!("{m}.bpk"));
-        convert_ok(dir, &bpk, &[]);
         let vocab = ckpt.config.vocab_size;
-        let mut model_tally = Tally::default();
-        for seed in 0..seeds as u64 {
-            for &len in &lengths {
-                let tokens = random_tokens(len, vocab, seed);
-                let r = run(&ckpt, &bpk, &tokens);
-                let rs = ratios(&r, &t);
-                for tally in [&mut correct, &mut model_tally] {
-                    tally.runs += 1;
-                    for (w, v) in tally.per_check.iter_mut().zip(rs) {
-                        *w = w.max(v);
-                    }
-                    let worst = rs.iter().cloned().fold(0f64, f64::max);
-                    tally.extreme = Some(tally.extreme.map_or(worst, |e| e.max(worst)));
-                    for b in &r.blocks {
-                        for p in &b.projections {
-                            let f = p.flips.as_ref().unwrap();
-                            tally.flips += f.flipped;
-                            tally.near += f.near_boundary;
-                        }
-                    }
-                    tally.positions += len;
-                    tally.top1_differ +=
-                        ((1.0 - r.logits.top1_agreement) * len as f64).round() as usize;
-                    if !r.verdict.pass {
-                        tally.wrong += 1;
-                    }
-                }
-                if !r.verdict.pass {
-                    problems.push(format!(
-                        "FALSE FAILURE {name} seed {seed} len {len}: {}",
-                        r.verdict.diagnosis
-                    ));
-                }
-            }
-        }
-        by_model.push((name.clone(), model_tally));
-
-        let bad = tmp.path().join(format!("{m}-bad.bpk"));
-        for (defect, tally, unchanged) in by_defect.iter_mut() {
-            if !defect.applies_to(ckpt.config.family) {
+        for (v, (variant, flags)) in VARIANTS.iter().enumerate() {
+            let bpk = tmp.path().join(format!("{m}-{v}.bpk"));
+            let mut args = vec![
+                "convert",
+                dir.to_str().unwrap(),
+                "-o",
+                bpk.to_str().unwrap(),
+            ];
+            args.extend_from_slice(&["--quiet", "--force"]);
+            args.extend_from_slice(flags);
+            let o = bin(&args);
+            if code(&o) != 0 {
+                // Only a width without a Hadamard matrix may stop a variant.
+                assert!(
+                    stderr(&o).contains("no Hadamard transform of size"),
+                    "{name} {variant}: {}",
+                    stderr(&o)
+                );
+                skipped.push(format!("{name} {variant}"));
                 continue;
             }
-            for seed in 0..defect_seeds as u64 {
-                let injected = inject(&bpk, &bad, &ckpt, *defect, seed);
-                if !injected.changed {
-                    // The file is byte-identical to the correct one: nothing to catch, and the
-                    // verdict must pass it.
-                    *unchanged += 1;
-                    let r = run(&ckpt, &bad, &random_tokens(16, vocab, seed));
-                    assert!(r.verdict.pass, "{name}: an unchanged file failed");
+            let n_seeds = if v == 0 { seeds } else { variant_seeds };
+            let mut model_tally = Tally::default();
+            for seed in 0..n_seeds as u64 {
+                for &len in &lengths {
+                    let tokens = random_tokens(len, vocab, seed);
+                    let r = run(&ckpt, &bpk, &tokens);
+                    let rs = ratios(&r, &t);
+                    record(&mut correct, &r, &rs, len);
+                    record(&mut model_tally, &r, &rs, len);
+                    if !r.verdict.pass {
+                        problems.push(format!(
+                            "FALSE FAILURE {name} {variant} seed {seed} len {len}: {}",
+                            r.verdict.diagnosis
+                        ));
+                    }
+                }
+            }
+            by_model.push((format!("{name} {variant}"), model_tally));
+
+            // Defects: every kind on the b1.58 file, and on one extended file each kind that
+            // only exists there.
+            let header = BpkFile::open(&bpk).unwrap().header;
+            let extended = *variant == "a4.8+H kv4" || *variant == "a4+H";
+            let bad = tmp.path().join(format!("{m}-{v}-bad.bpk"));
+            for (defect, tally, unchanged) in by_defect.iter_mut() {
+                let scheme_defect = matches!(defect, Defect::OnlineDropped | Defect::Int4AsInt8);
+                let wanted = (v == 0 && !scheme_defect) || (extended && scheme_defect);
+                if !wanted || !defect.applies_to(&header) {
                     continue;
                 }
-                for &len in &lengths {
-                    let r = run(&ckpt, &bad, &random_tokens(len, vocab, seed));
-                    let rs = ratios(&r, &t);
-                    tally.runs += 1;
-                    for (c, v) in tally.per_check.iter_mut().zip(rs) {
-                        *c += f64::from(u8::from(v > 1.0));
+                for seed in 0..defect_seeds as u64 {
+                    let injected = inject(&bpk, &bad, &ckpt, *defect, seed);
+                    if !injected.changed {
+                        // The file is byte-identical to the correct one: nothing to catch, and
+                        // the verdict must pass it.
+                        *unchanged += 1;
+                        let r = run(&ckpt, &bad, &random_tokens(16, vocab, seed));
+                        assert!(r.verdict.pass, "{name}: an unchanged file failed");
+                        continue;
                     }
-                    // The numeric checks alone (without the declarations and the exact float
-                    // comparison): how far outside its tolerance the strongest one was.
-                    let strongest = rs[2..].iter().cloned().fold(0f64, f64::max);
-                    tally.extreme = Some(tally.extreme.map_or(strongest, |e| e.min(strongest)));
-                    if r.verdict.pass {
-                        tally.wrong += 1;
-                        problems.push(format!(
-                            "MISS {name} {} ({}) seed {seed} len {len}",
-                            defect.name(),
-                            injected.site
-                        ));
+                    for &len in &lengths {
+                        let r = run(&ckpt, &bad, &random_tokens(len, vocab, seed));
+                        let rs = ratios(&r, &t);
+                        tally.runs += 1;
+                        for (c, v) in tally.per_check.iter_mut().zip(rs) {
+                            *c += f64::from(u8::from(v > 1.0));
+                        }
+                        // The numeric checks alone (without the declarations and the exact
+                        // float comparison): how far outside its tolerance the strongest was.
+                        let strongest = rs[2..].iter().cloned().fold(0f64, f64::max);
+                        tally.extreme = Some(tally.extreme.map_or(strongest, |e| e.min(strongest)));
+                        if r.verdict.pass {
+                            tally.wrong += 1;
+                            problems.push(format!(
+                                "MISS {name} {variant} {} ({}) seed {seed} len {len}",
+                                defect.name(),
+                                injected.site
+                            ));
+                        }
                     }
                 }
             }
@@ -223,12 +295,19 @@ fn parity_verdict_has_no_false_failures_and_no_misses() {
     }
 
     println!(
-        "\nparity matrix: {} models, {seeds} seeds x lengths {lengths:?} for correct files, {defect_seeds} seeds x the same lengths per defect\n",
-        by_model.len()
+        "\nparity matrix: {} models x {} conversions; {seeds} seeds (b1.58) or {variant_seeds} seeds (other conversions) x lengths {lengths:?} for correct files, {defect_seeds} seeds x the same lengths per defect\n",
+        models().len(),
+        VARIANTS.len()
     );
+    if !skipped.is_empty() {
+        println!(
+            "not converted (a width without a Hadamard matrix): {}\n",
+            skipped.join(", ")
+        );
+    }
     println!("correct files");
     println!(
-        "| model | runs | false failures | closest to a tolerance | int8 flips / near a boundary | top-1 differs (all explained) |"
+        "| model and conversion | runs | false failures | closest to a tolerance | flips / near a boundary | top-1 differs (all explained) |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, tl) in &by_model {

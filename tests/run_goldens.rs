@@ -11,7 +11,7 @@ use bitnet_pack::run::{KvCache, SourceMode, packed, source};
 use bitnet_pack::source::Checkpoint;
 use common::*;
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 9] = [
     "tiny-2b4t-qat",
     "tiny-llama-fp",
     "tiny-awkward",
@@ -19,6 +19,8 @@ const ALL: [&str; 7] = [
     "tiny-hf-saved",
     "tiny-hf-llama",
     "tiny-ties",
+    "tiny-hf-awkward",
+    "tiny-outliers",
 ];
 
 struct Golden {
@@ -295,4 +297,139 @@ fn unsupported_activation_scheme_is_refused() {
         packed::load(&file),
         Err(bitnet_pack::run::RunError::UnsupportedScheme { .. })
     ));
+}
+
+/// The BitNet v2 schemes (int4 activations, online Hadamard transforms with the stored matrices
+/// of order 52 and 108, a4.8's per-site mix, quantized keys and values) against an independent
+/// numpy forward written from formats/bpk.md (fixtures/make_numpy_goldens.py).
+#[test]
+fn v2_schemes_match_the_independent_numpy_forward() {
+    let cases: [(&str, &str, &[&str]); 8] = [
+        ("tiny-hf-awkward", "a4", &["--activations", "a4"]),
+        (
+            "tiny-hf-awkward",
+            "a8h",
+            &["--online-hadamard", "o_proj,down_proj"],
+        ),
+        (
+            "tiny-hf-awkward",
+            "a4h",
+            &[
+                "--activations",
+                "a4",
+                "--online-hadamard",
+                "o_proj,down_proj",
+            ],
+        ),
+        (
+            "tiny-hf-awkward",
+            "a48",
+            &[
+                "--activations",
+                "qkv=a4,o=a8,gate_up=a4,down=a8",
+                "--online-hadamard",
+                "o_proj,down_proj",
+            ],
+        ),
+        ("tiny-sharded", "a4", &["--activations", "a4"]),
+        (
+            "tiny-sharded",
+            "a8h",
+            &["--online-hadamard", "o_proj,down_proj"],
+        ),
+        (
+            "tiny-sharded",
+            "a4h_kv4",
+            &[
+                "--activations",
+                "a4",
+                "--online-hadamard",
+                "o_proj,down_proj",
+                "--kv-bits",
+                "4",
+            ],
+        ),
+        ("tiny-sharded", "a8_kv3", &["--kv-bits", "3"]),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, scheme, flags) in cases {
+        let bpk = tmp.path().join(format!("{name}-{scheme}.bpk"));
+        convert_ok(&fixture(name), &bpk, flags);
+        let g: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixture(name).join(format!("golden_logits_numpy_{scheme}.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        let tokens: Vec<u32> = g["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        let want: Vec<f32> = g["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
+        let file = BpkFile::open(&bpk).unwrap();
+        let model = packed::load(&file).unwrap();
+        let out = model
+            .forward(&tokens, &mut KvCache::for_model(&model), false)
+            .unwrap();
+        let s = compare_logits(&want, &out.logits, model.config.vocab_size, 10.0);
+        println!(
+            "{name} {scheme}: packed vs numpy rel L2 {:.1e}, top-1 {:.0}%, KL {:.1e}",
+            s.stats.rel_l2,
+            100.0 * s.top1_agreement,
+            s.kl
+        );
+        assert!(s.within(&GOLDEN_LOGITS), "{name} {scheme}: {s:?}");
+    }
+}
+
+/// `rotate` writes a checkpoint that computes the same function in full precision: its f32
+/// logits equal transformers' logits of the original (an independent golden) to 1e-4.
+#[test]
+fn rotated_checkpoints_compute_the_original_function() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, seed) in [
+        ("tiny-hf-llama", "3"),
+        ("tiny-outliers", "11"),
+        ("tiny-sharded", "5"),
+    ] {
+        let out = tmp.path().join(name);
+        let o = bin(&[
+            "rotate",
+            fixture(name).to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--seed",
+            seed,
+        ]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        let fp = golden(name, "fp");
+        let ckpt = Checkpoint::open(&out).unwrap();
+        assert!(!ckpt.config.tie_word_embeddings);
+        let m = source::load(&ckpt, SourceMode::Fp, &QuantScheme::bitnet_b158()).unwrap();
+        let logits = m
+            .forward(&fp.tokens, &mut KvCache::for_model(&m), false)
+            .unwrap()
+            .logits;
+        let s = compare_logits(&fp.logits, &logits, ckpt.config.vocab_size, 10.0);
+        println!(
+            "{name} rotated (seed {seed}), fp vs transformers fp of the original: rel L2 {:.1e}, top-1 {:.0}%",
+            s.stats.rel_l2,
+            100.0 * s.top1_agreement
+        );
+        assert!(
+            s.stats.rel_l2 <= 1e-4 && s.top1_agreement == 1.0,
+            "{name}: {s:?}"
+        );
+    }
 }

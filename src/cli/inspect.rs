@@ -102,19 +102,70 @@ pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
         }
     )?;
     let q = &h.quantization;
+    let act = |a: &crate::format::header::ActivationScheme| {
+        let name = a.quantizer().map(|q| q.name()).unwrap_or("?");
+        format!("{name} ({}, {} bits)", name_of(&a.rule), a.bits)
+    };
     writeln!(
         s,
-        "quantization weights {} (eps {:e}); activations {} int{}; online rotations: {}",
+        "quantization weights {} (eps {:e}); activations {}",
         name_of(&q.weights.rule),
         q.weights.eps,
-        name_of(&q.activations.rule),
-        q.activations.bits,
-        if q.online_rotations.is_empty() {
+        act(&q.activations)
+    )?;
+    for (role, a) in &q.activation_sites {
+        writeln!(s, "             input of {}: {}", role.as_str(), act(a))?;
+    }
+    let online: Vec<String> = q
+        .online_rotations
+        .iter()
+        .map(|site| {
+            let where_ = site
+                .layer
+                .map(|l| format!(" of block {l}"))
+                .unwrap_or_default();
+            format!(
+                "{} {} at the input of {}{where_}",
+                site.transform,
+                site.dim,
+                site.role.as_str()
+            )
+        })
+        .collect();
+    writeln!(
+        s,
+        "             online transforms: {}",
+        if online.is_empty() {
             "none".to_string()
         } else {
-            q.online_rotations.len().to_string()
+            online.join(", ")
         }
     )?;
+    if let Some(a) = &q.attention {
+        let bits = |b: Option<u8>| b.map_or("f32".to_string(), |b| format!("{b}-bit"));
+        writeln!(
+            s,
+            "             attention states: queries {}, keys and values {} in the cache",
+            bits(a.q_bits),
+            bits(a.kv_bits)
+        )?;
+    }
+    if let Some(r) = &q.residual_rotation {
+        let added = if r.online.is_empty() {
+            "none: the source declared its own".to_string()
+        } else {
+            r.online
+                .iter()
+                .map(|r| r.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            s,
+            "             residual stream rotated at conversion: {} seed {} (online transforms it added: {added})",
+            r.transform, r.seed
+        )?;
+    }
     writeln!(
         s,
         "ternary      {} tensors, {} weights in {} ({t_bpw:.3} bits/weight)",

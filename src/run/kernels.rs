@@ -64,6 +64,29 @@ pub fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) ->
     dot_portable(layout, row, q, q_sum, k)
 }
 
+/// Largest activation magnitude [`dot_small`] takes (the int4 range is -8..=7).
+pub const SMALL_ACTIVATION: i32 = 8;
+
+/// [`dot`] for activations of at most [`SMALL_ACTIVATION`] in magnitude (int4): the AVX2 `i2`
+/// build keeps its partial sums in 16-bit lanes across up to [`SMALL_BLOCKS`] blocks before
+/// widening them, which small activations allow. Same result as [`dot_scalar`].
+pub fn dot_small(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+    debug_assert!(q.iter().all(|&v| i32::from(v).abs() <= SMALL_ACTIVATION));
+    #[cfg(target_arch = "x86_64")]
+    {
+        if layout == TernaryLayout::I2 && crate::num::cpu::has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked at run time just above).
+            return unsafe { avx2::dot_i2_small(row, q, q_sum) };
+        }
+    }
+    dot(layout, row, q, q_sum, k)
+}
+
+/// Blocks of 128 weights summed in 16-bit lanes before they are widened: each lane gains at
+/// most 4 planes x 2 pairs x code 2 x 8 = 128 in magnitude per block, so 255 blocks stay
+/// within an i16 (32,767); 128 leaves a margin.
+pub const SMALL_BLOCKS: usize = 128;
+
 /// Portable block kernel: `i2` rows are processed by whole blocks as `sum code * q - sum q`
 /// (padding codes are 1 and padded activations 0, so the identity holds over whole blocks).
 /// `q` must have `padded_len(layout, k)` elements and `q_sum` be their sum.
@@ -143,6 +166,47 @@ mod avx2 {
             );
             // each i16 lane is at most 4 * 2 * 128 = 1024 in magnitude: no overflow.
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(p01, p23), ones));
+        }
+        hsum(acc) - q_sum
+    }
+
+    /// See [`super::dot_small`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; activations are at most 8 in magnitude.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i2_small(row: &[u8], q: &[i8], q_sum: i32) -> i32 {
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_si256();
+        let nblocks = (row.len() / i2::BLOCK_BYTES).min(q.len() / i2::BLOCK);
+        let mut start = 0;
+        while start < nblocks {
+            let end = (start + super::SMALL_BLOCKS).min(nblocks);
+            let mut acc16 = _mm256_setzero_si256();
+            for i in start..end {
+                let block = &row[i * i2::BLOCK_BYTES..(i + 1) * i2::BLOCK_BYTES];
+                let qb = &q[i * i2::BLOCK..(i + 1) * i2::BLOCK];
+                // SAFETY: both chunks are exactly 32 and 128 bytes long; unaligned loads.
+                let w = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+                let a =
+                    |p: usize| unsafe { _mm256_loadu_si256(qb.as_ptr().add(p * i2::PLANE).cast()) };
+                let c0 = _mm256_and_si256(w, mask);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask);
+                let c3 = _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask);
+                let p01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c0, a(0)),
+                    _mm256_maddubs_epi16(c1, a(1)),
+                );
+                let p23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c2, a(2)),
+                    _mm256_maddubs_epi16(c3, a(3)),
+                );
+                acc16 = _mm256_add_epi16(acc16, _mm256_add_epi16(p01, p23));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(acc16, ones));
+            start = end;
         }
         hsum(acc) - q_sum
     }
@@ -228,6 +292,9 @@ mod tests {
                 assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
                 assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
                 assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
+                if act == A4 {
+                    assert_eq!(dot_small(layout, &row, &q, q_sum, k), want, "{what}");
+                }
             }
         }
     }
@@ -248,6 +315,28 @@ mod tests {
                     .zip(&x)
                     .fold(0f32, |acc, (&t, &v)| acc + f32::from(t) * v);
                 assert_eq!(dot_trits_f32(layout, &row, &x).to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    /// Many blocks of the largest int4 products: the 16-bit partial sums are widened in time.
+    #[test]
+    fn the_int4_kernel_does_not_overflow_its_16_bit_lanes() {
+        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+            for k in [128 * SMALL_BLOCKS, 128 * SMALL_BLOCKS + 128, 128 * 600 + 5] {
+                for (t, a) in [(1i8, -8i8), (-1, -8), (1, 7), (-1, 7)] {
+                    let mut row = vec![0u8; layout.row_bytes(k)];
+                    layout.pack_row(&vec![t; k], &mut row);
+                    let mut q = vec![a; padded_len(layout, k)];
+                    q[k..].fill(0);
+                    let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                    let want = i32::from(t) * i32::from(a) * k as i32;
+                    assert_eq!(
+                        dot_small(layout, &row, &q, q_sum, k),
+                        want,
+                        "{layout:?} k={k}"
+                    );
+                }
             }
         }
     }

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::RunError;
 use super::assemble::{Parts, assemble};
-use super::kernels::{dot, dot_trits_f32, padded_len};
+use super::kernels::{dot, dot_small, dot_trits_f32, padded_len};
 use super::model::{FloatMatrix, Linear, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::WeightRule;
@@ -33,7 +33,11 @@ impl TernaryLinear<'_> {
     #[inline]
     fn output(&self, r: usize, q: &[i8], q_sum: i32, factor: f32) -> f32 {
         let row = &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
-        dot(self.layout, row, q, q_sum, self.k) as f32 * factor
+        let dot = match self.act {
+            ActQuant::Absmean4 { .. } => dot_small(self.layout, row, q, q_sum, self.k),
+            _ => dot(self.layout, row, q, q_sum, self.k),
+        };
+        dot as f32 * factor
     }
 }
 

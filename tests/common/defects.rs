@@ -30,15 +30,21 @@ pub enum Defect {
     ActivationsNotQuantized,
     /// Weights ternarized with round half away from zero instead of half to even.
     RoundHalfAway,
+    /// The online Hadamard transforms of an H-BitLinear file left out.
+    OnlineDropped,
+    /// An int4 file declared as int8.
+    Int4AsInt8,
 }
 
-pub const ALL_DEFECTS: [Defect; 6] = [
+pub const ALL_DEFECTS: [Defect; 8] = [
     Defect::ScaleOff,
     Defect::SwapRows,
     Defect::ActivationSwapped,
     Defect::SubNormOmitted,
     Defect::ActivationsNotQuantized,
     Defect::RoundHalfAway,
+    Defect::OnlineDropped,
+    Defect::Int4AsInt8,
 ];
 
 impl Defect {
@@ -50,13 +56,20 @@ impl Defect {
             Defect::SubNormOmitted => "sub-norms left out",
             Defect::ActivationsNotQuantized => "activations not quantized",
             Defect::RoundHalfAway => "round half away from zero",
+            Defect::OnlineDropped => "online Hadamard transforms left out",
+            Defect::Int4AsInt8 => "int4 activations declared as int8",
         }
     }
 
-    /// Whether the defect can exist in a model of this family (a model without sub-norms
-    /// cannot lose them).
-    pub fn applies_to(self, family: Family) -> bool {
-        self != Defect::SubNormOmitted || family.has_sub_norms()
+    /// Whether the defect can exist in this file (a model without sub-norms cannot lose them,
+    /// a file without online transforms cannot drop them, ...).
+    pub fn applies_to(self, header: &Header) -> bool {
+        match self {
+            Defect::SubNormOmitted => header.model.family.has_sub_norms(),
+            Defect::OnlineDropped => !header.quantization.online_rotations.is_empty(),
+            Defect::Int4AsInt8 => header.quantization.activations == ActivationScheme::a4(),
+            _ => true,
+        }
     }
 }
 
@@ -165,7 +178,17 @@ pub fn inject(src: &Path, dst: &Path, ckpt: &Checkpoint, defect: Defect, seed: u
         }
         Defect::ActivationsNotQuantized => {
             header.quantization.activations = ActivationScheme::none();
+            header.quantization.activation_sites.clear();
             "activation rule none".to_string()
+        }
+        Defect::OnlineDropped => {
+            header.quantization.online_rotations.clear();
+            header.quantization.residual_rotation = None;
+            "every online transform".to_string()
+        }
+        Defect::Int4AsInt8 => {
+            header.quantization.activations = ActivationScheme::a8();
+            "activations a8".to_string()
         }
         Defect::RoundHalfAway => {
             let mut flipped = 0usize;
