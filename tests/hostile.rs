@@ -937,6 +937,86 @@ fn validate_holds_the_header_to_the_spec() {
     );
 }
 
+/// The scheme rules of formats/bpk.md §3.2.6 that writers follow and validate enforces: a
+/// hand-edited header that breaks one is a BadScheme finding, and run refuses it.
+#[test]
+fn validate_holds_the_v2_scheme_to_the_spec() {
+    use bitnet_pack::format::header::{ActivationScheme, AttentionScheme};
+    use bitnet_pack::model::Role;
+    let tmp = tempfile::tempdir().unwrap();
+    let rotated = tmp.path().join("rot.bpk");
+    let o = bin(&[
+        "convert",
+        s(&fixture("tiny-hf-awkward")),
+        "-o",
+        s(&rotated),
+        "--rotate",
+        "hadamard",
+        "--force-requantize",
+        "--quiet",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&bin(&["validate", s(&rotated)])), 0);
+    type Edit = Box<dyn Fn(&mut bitnet_pack::format::Header)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "rotation adds transforms at o_proj and down_proj only",
+            Box::new(|h| {
+                let r = h.quantization.residual_rotation.as_mut().unwrap();
+                r.online = vec![Role::QProj];
+            }),
+        ),
+        (
+            "has no entry for every block",
+            Box::new(|h| {
+                h.quantization
+                    .online_rotations
+                    .retain(|s| s.role != Role::OProj)
+            }),
+        ),
+        (
+            "a rotated head is not the embedding",
+            Box::new(|h| h.model.tie_word_embeddings = true),
+        ),
+        (
+            "repeats `activations`",
+            Box::new(|h| {
+                h.quantization
+                    .activation_sites
+                    .insert(Role::KProj, ActivationScheme::a8());
+            }),
+        ),
+        (
+            "neither q_bits nor kv_bits",
+            Box::new(|h| {
+                h.quantization.attention = Some(AttentionScheme {
+                    q_bits: None,
+                    kv_bits: None,
+                })
+            }),
+        ),
+        (
+            "weights.eps",
+            Box::new(|h| h.quantization.weights.eps = -1.0),
+        ),
+    ];
+    for (needle, edit) in cases {
+        let bad = tmp.path().join("bad.bpk");
+        rewrite_header(&rotated, &bad, edit);
+        let o = bin(&["validate", s(&bad)]);
+        assert_eq!(code(&o), 1, "{needle}: {}", stdout(&o));
+        assert!(
+            stdout(&o).contains("BadScheme") && stdout(&o).contains(needle),
+            "{needle}: {}",
+            stdout(&o)
+        );
+        fails(
+            &bin(&["run", s(&bad), "--tokens", "1"]),
+            &["scheme in the header is unusable"],
+        );
+    }
+}
+
 /// Scheme options that cannot be honoured: exit 2, naming the value and the accepted ones.
 #[test]
 fn scheme_options_that_cannot_be_honoured_are_refused() {

@@ -121,8 +121,9 @@ impl QuantScheme {
         }
     }
 
-    /// Whether a runtime must implement more than BitNet b1.58 (int8 activations everywhere,
-    /// no online transform, float attention) to run the file: then the preamble carries
+    /// Whether a runtime must implement more than BitNet b1.58 (int8 activations with the
+    /// standard eps everywhere, no online transform, float attention, no rotation) to run the
+    /// file: then the preamble carries
     /// [`crate::format::FLAG_EXTENDED_QUANT`] so that a reader that cannot is sure to refuse it.
     pub fn is_extended(&self) -> bool {
         let a8 = ActivationScheme::a8();
@@ -130,12 +131,19 @@ impl QuantScheme {
             || !self.activation_sites.is_empty()
             || !self.online_rotations.is_empty()
             || self.attention.is_some()
+            || self.residual_rotation.is_some()
     }
 
     /// Checks the scheme against the model: every activation scheme defined, overrides and
     /// online transforms only on projections, transform sizes equal to the projection's input
     /// width and supported (§9), attention bits among those defined. The first problem, in words.
     pub fn check(&self, cfg: &ModelConfig) -> Result<(), String> {
+        if !(self.weights.eps.is_finite() && self.weights.eps > 0.0) {
+            return Err(format!(
+                "weights.eps {} is not a positive finite number",
+                self.weights.eps
+            ));
+        }
         self.activations
             .quantizer()
             .map_err(|e| format!("activations: {e}"))?;
@@ -148,6 +156,13 @@ impl QuantScheme {
             }
             a.quantizer()
                 .map_err(|e| format!("activation_sites.{}: {e}", role.as_str()))?;
+            // One way to write each scheme: an override equal to the default is left out.
+            if same_quantizer(a, &self.activations) {
+                return Err(format!(
+                    "activation_sites.{} repeats `activations`; an override must differ",
+                    role.as_str()
+                ));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for site in &self.online_rotations {
@@ -199,6 +214,12 @@ impl QuantScheme {
             ));
         }
         if let Some(a) = &self.attention {
+            if a.q_bits.is_none() && a.kv_bits.is_none() {
+                return Err(
+                    "attention sets neither q_bits nor kv_bits; the member must then be absent"
+                        .to_string(),
+                );
+            }
             if let Some(b) = a.q_bits
                 && !matches!(b, 8 | 4)
             {
@@ -210,13 +231,42 @@ impl QuantScheme {
                 return Err(format!("attention.kv_bits {b} is not 8, 4 or 3"));
             }
         }
-        if let Some(r) = &self.residual_rotation
-            && r.transform != "randomized-hadamard"
-        {
-            return Err(format!(
-                "residual_rotation: transform `{}` is unknown (only `randomized-hadamard`)",
-                r.transform
-            ));
+        if let Some(r) = &self.residual_rotation {
+            if r.transform != "randomized-hadamard" {
+                return Err(format!(
+                    "residual_rotation: transform `{}` is unknown (only `randomized-hadamard`)",
+                    r.transform
+                ));
+            }
+            crate::transform::Hadamard::new(cfg.hidden_size)
+                .map_err(|e| format!("residual_rotation: hidden size: {e}"))?;
+            if cfg.tie_word_embeddings {
+                return Err(
+                    "residual_rotation with tie_word_embeddings: a rotated head is not the embedding"
+                        .to_string(),
+                );
+            }
+            let mut added = std::collections::HashSet::new();
+            for &role in &r.online {
+                if !matches!(role, Role::OProj | Role::DownProj) {
+                    return Err(format!(
+                        "residual_rotation.online: {} (a rotation adds transforms at o_proj and down_proj only)",
+                        role.as_str()
+                    ));
+                }
+                if !added.insert(role) {
+                    return Err(format!(
+                        "residual_rotation.online: {} is listed twice",
+                        role.as_str()
+                    ));
+                }
+                if !all_layers.contains(&role) {
+                    return Err(format!(
+                        "residual_rotation.online: {} has no entry for every block in online_rotations",
+                        role.as_str()
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -285,7 +335,8 @@ impl ActivationScheme {
     }
 }
 
-/// One online rotation site (reserved for BitNet v2; §3.2).
+/// One online transform site (§3.2.3): the input of a projection is transformed right before
+/// it is quantized.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RotationSite {
     /// The projection whose input is transformed.

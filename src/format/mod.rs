@@ -42,8 +42,8 @@ pub const VERSION_MAJOR: u16 = 1;
 /// The minor version this build writes; it reads any minor of [`VERSION_MAJOR`] (§2.1).
 pub const VERSION_MINOR: u16 = 1;
 /// Preamble flag (§2, 1.1): the quantization scheme needs more than BitNet b1.58 (another
-/// activation rule, per-site rules, online transforms or quantized attention states); a reader
-/// that does not implement §3.2 of 1.1 must refuse the file.
+/// activation rule or eps, per-site rules, online transforms, quantized attention states or a
+/// residual rotation); a reader that does not implement §3.2 of 1.1 must refuse the file.
 pub const FLAG_EXTENDED_QUANT: u32 = 1;
 /// Every flag this build understands.
 pub const KNOWN_FLAGS: u32 = FLAG_EXTENDED_QUANT;
@@ -83,7 +83,7 @@ impl FormatVersion {
 pub struct Preamble {
     pub major: u16,
     pub minor: u16,
-    /// Reserved, zero in version 1.
+    /// Bit 0: [`FLAG_EXTENDED_QUANT`]; the other bits are reserved and zero.
     pub flags: u32,
     pub header_len: u64,
     pub data_offset: u64,
