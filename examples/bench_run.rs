@@ -106,6 +106,39 @@ fn main() -> anyhow::Result<()> {
         "model            {path} ({} layers, hidden {}, vocab {})",
         cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     );
+    let q = &file.header.quantization;
+    let name = |a: &bitnet_pack::format::header::ActivationScheme| {
+        a.quantizer().map(|q| q.name()).unwrap_or("?").to_string()
+    };
+    let sites: Vec<String> = q
+        .activation_sites
+        .iter()
+        .map(|(role, a)| format!("{}={}", role.as_str(), name(a)))
+        .collect();
+    let online: std::collections::BTreeSet<&str> =
+        q.online_rotations.iter().map(|s| s.role.as_str()).collect();
+    println!(
+        "scheme           activations {}{}; online transforms: {}; kv bits {}, q bits {}",
+        name(&q.activations),
+        if sites.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", sites.join(", "))
+        },
+        if online.is_empty() {
+            "none".to_string()
+        } else {
+            online.into_iter().collect::<Vec<_>>().join(", ")
+        },
+        q.attention
+            .as_ref()
+            .and_then(|a| a.kv_bits)
+            .map_or("f32".to_string(), |b| b.to_string()),
+        q.attention
+            .as_ref()
+            .and_then(|a| a.q_bits)
+            .map_or("f32".to_string(), |b| b.to_string()),
+    );
     println!("threads          {}", rayon::current_num_threads());
     println!(
         "kernel           {}",

@@ -72,6 +72,33 @@ impl KvCodec {
 
     /// Decodes a vector: `out[i] = lo + code_i * step`.
     pub fn decode(&self, codes: &[u8], lo: f32, step: f32, out: &mut [f32]) {
+        let out = &mut out[..self.head_dim];
+        match self.bits {
+            8 => out
+                .iter_mut()
+                .zip(codes)
+                .for_each(|(o, &c)| *o = lo + f32::from(c) * step),
+            4 => out.iter_mut().enumerate().for_each(|(i, o)| {
+                let c = (codes[i / 2] >> (4 * (i % 2))) & 0xF;
+                *o = lo + f32::from(c) * step;
+            }),
+            bits => {
+                // A code of at most 7 bits spans at most two bytes.
+                let mask = (1u16 << bits) - 1;
+                out.iter_mut().enumerate().for_each(|(i, o)| {
+                    let at = i * usize::from(bits);
+                    let lo_byte = u16::from(codes[at / 8]);
+                    let hi_byte = u16::from(codes.get(at / 8 + 1).copied().unwrap_or(0));
+                    let c = ((lo_byte | hi_byte << 8) >> (at % 8)) & mask;
+                    *o = lo + f32::from(c) * step;
+                });
+            }
+        }
+    }
+
+    /// [`KvCodec::decode`] one bit at a time: the definition the fast paths are tested against.
+    #[cfg(test)]
+    fn decode_reference(&self, codes: &[u8], lo: f32, step: f32, out: &mut [f32]) {
         for (i, o) in out.iter_mut().enumerate().take(self.head_dim) {
             let code = get_bits(codes, i * usize::from(self.bits), self.bits);
             *o = lo + code as f32 * step;
@@ -90,6 +117,7 @@ fn put_bits(out: &mut [u8], at: usize, bits: u8, v: u32) {
 }
 
 /// Reads `bits` bits at bit offset `at`.
+#[cfg(test)]
 fn get_bits(codes: &[u8], at: usize, bits: u8) -> u32 {
     (0..usize::from(bits)).fold(0u32, |acc, b| {
         let pos = at + b;
@@ -100,6 +128,28 @@ fn get_bits(codes: &[u8], at: usize, bits: u8) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_decode_equals_the_bitwise_definition() {
+        for bits in [3u8, 4, 8] {
+            for dim in [1usize, 3, 8, 26, 127, 128] {
+                let c = KvCodec::new(bits, dim);
+                let x = crate::test_util::uniform(dim, 7 * dim as u32 + u32::from(bits), -2.0, 3.0);
+                let mut codes = vec![0u8; c.bytes_per_vector()];
+                let (lo, step) = c.encode(&x, &mut codes);
+                let (mut fast, mut slow) = (vec![0f32; dim], vec![0f32; dim]);
+                c.decode(&codes, lo, step, &mut fast);
+                c.decode_reference(&codes, lo, step, &mut slow);
+                let b = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(b(&fast), b(&slow), "bits {bits} dim {dim}");
+                // Every code pattern, not only those an encoding produces.
+                let all: Vec<u8> = (0..codes.len()).map(|i| (i * 37 + 11) as u8).collect();
+                c.decode(&all, lo, step, &mut fast);
+                c.decode_reference(&all, lo, step, &mut slow);
+                assert_eq!(b(&fast), b(&slow), "patterns, bits {bits} dim {dim}");
+            }
+        }
+    }
 
     #[test]
     fn codes_round_trip_and_reconstruction_is_within_half_a_step() {

@@ -453,21 +453,17 @@ impl AttentionState {
         self.len += n;
     }
 
-    /// The key (`value = false`) or value head vector of `pos`, `kv_head`, into `buf` if it has
-    /// to be decoded.
-    fn vector<'b>(
-        &'b self,
-        pos: usize,
-        kv_head: usize,
-        value: bool,
-        buf: &'b mut [f32],
-    ) -> &'b [f32] {
-        let index = pos * self.kv_heads + kv_head;
+    /// The stored keys and values as f32 `[len, kv_heads * head_dim]` matrices: borrowed when
+    /// they are stored as floats, decoded once (for this forward call of this block) when they
+    /// are codes, so that every query head of a group reads them without decoding again.
+    pub fn view(&self) -> KvView<'_> {
         match &self.store {
-            KvStore::F32 { k, v } => {
-                let src = if value { v } else { k };
-                &src[index * self.head_dim..(index + 1) * self.head_dim]
-            }
+            KvStore::F32 { k, v } => KvView {
+                k: std::borrow::Cow::Borrowed(k),
+                v: std::borrow::Cow::Borrowed(v),
+                head_dim: self.head_dim,
+                kv_heads: self.kv_heads,
+            },
             KvStore::Codes {
                 codec,
                 k,
@@ -475,29 +471,52 @@ impl AttentionState {
                 k_params,
                 v_params,
             } => {
-                let (codes, params) = if value { (v, v_params) } else { (k, k_params) };
                 let per = codec.bytes_per_vector();
-                let (lo, step) = params[index];
-                codec.decode(&codes[index * per..(index + 1) * per], lo, step, buf);
-                buf
+                let decode = |codes: &[u8], params: &[(f32, f32)]| {
+                    let mut out = vec![0f32; params.len() * self.head_dim];
+                    out.par_chunks_mut(self.head_dim)
+                        .zip(codes.par_chunks(per))
+                        .zip(params.par_iter())
+                        .for_each(|((o, c), &(lo, step))| codec.decode(c, lo, step, o));
+                    out
+                };
+                KvView {
+                    k: std::borrow::Cow::Owned(decode(k, k_params)),
+                    v: std::borrow::Cow::Owned(decode(v, v_params)),
+                    head_dim: self.head_dim,
+                    kv_heads: self.kv_heads,
+                }
             }
         }
+    }
+}
+
+/// The keys and values of an [`AttentionState`] as floats (see [`AttentionState::view`]).
+pub struct KvView<'a> {
+    k: std::borrow::Cow<'a, [f32]>,
+    v: std::borrow::Cow<'a, [f32]>,
+    head_dim: usize,
+    kv_heads: usize,
+}
+
+impl KvView<'_> {
+    fn vector<'b>(&'b self, src: &'b [f32], pos: usize, kv_head: usize) -> &'b [f32] {
+        let index = pos * self.kv_heads + kv_head;
+        &src[index * self.head_dim..(index + 1) * self.head_dim]
     }
 
     /// `scores[p] = (q . k_p) * scale` for the first `visible` positions of `kv_head`.
     pub fn scores(&self, q: &[f32], kv_head: usize, visible: usize, scale: f32) -> Vec<f32> {
-        let mut buf = vec![0f32; self.head_dim];
         (0..visible)
-            .map(|p| dot_f32(q, self.vector(p, kv_head, false, &mut buf)) * scale)
+            .map(|p| dot_f32(q, self.vector(&self.k, p, kv_head)) * scale)
             .collect()
     }
 
     /// `out = sum_p weights[p] * v_p` over the positions of `kv_head` that `weights` covers.
     pub fn weighted_sum(&self, weights: &[f32], kv_head: usize, out: &mut [f32]) {
-        let mut buf = vec![0f32; self.head_dim];
         out.fill(0.0);
         for (p, &w) in weights.iter().enumerate() {
-            for (o, v) in out.iter_mut().zip(self.vector(p, kv_head, true, &mut buf)) {
+            for (o, v) in out.iter_mut().zip(self.vector(&self.v, p, kv_head)) {
                 *o += w * v;
             }
         }
@@ -781,7 +800,7 @@ impl<L: Linear> Transformer<'_, L> {
                 .for_each(|head| fake_quant_query(head, bits));
         }
         state.append(&k, &v, n);
-        let state = &*state;
+        let state = state.view();
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
         let mut out = vec![0f32; n * qd];

@@ -74,23 +74,34 @@ impl Hadamard {
     /// the `H_m` mix of each column in row order, then the scale), so the result does not depend
     /// on the CPU or the thread count.
     pub fn apply(&self, x: &mut [f32]) {
+        let mut scratch = Vec::new();
+        self.apply_with(x, &mut scratch);
+    }
+
+    /// [`Hadamard::apply`] with a reusable scratch buffer (grown to `n` when `m > 1`).
+    fn apply_with(&self, x: &mut [f32], scratch: &mut Vec<f32>) {
         debug_assert_eq!(x.len(), self.n);
         for block in x.chunks_exact_mut(self.pow2) {
             fwht(block);
         }
         if self.m > 1 {
-            let mut col = vec![0f32; self.m];
-            for b in 0..self.pow2 {
-                for (a, c) in col.iter_mut().enumerate() {
-                    *c = x[a * self.pow2 + b];
-                }
-                for a in 0..self.m {
-                    let row = &self.hm[a * self.m..(a + 1) * self.m];
-                    let mut acc = 0f32;
-                    for (&h, &v) in row.iter().zip(&col) {
-                        acc += f32::from(h) * v;
+            // out[a][b] = sum over a' of H_m[a][a'] * x[a'][b], accumulated from 0 in the order
+            // a' = 0, 1, ... (§9.4). The loop runs over b innermost, whole blocks of `pow2`
+            // contiguous values at a time (vectorized), which keeps that order for every
+            // element: the same bits as one element at a time. H_m * v is +v or -v exactly, and
+            // acc + (-v) is acc - v.
+            let p = self.pow2;
+            scratch.clear();
+            scratch.extend_from_slice(x);
+            for (a, out) in x.chunks_exact_mut(p).enumerate() {
+                out.fill(0.0);
+                let row = &self.hm[a * self.m..(a + 1) * self.m];
+                for (&h, src) in row.iter().zip(scratch.chunks_exact(p)) {
+                    if h > 0 {
+                        out.iter_mut().zip(src).for_each(|(o, &v)| *o += v);
+                    } else {
+                        out.iter_mut().zip(src).for_each(|(o, &v)| *o -= v);
                     }
-                    x[a * self.pow2 + b] = acc;
                 }
             }
         }
@@ -99,11 +110,20 @@ impl Hadamard {
         }
     }
 
-    /// Transforms every consecutive `n`-vector of `x` (rows of a `[tokens, n]` matrix).
+    /// Transforms every consecutive `n`-vector of `x` (rows of a `[tokens, n]` matrix), rows
+    /// spread over the worker threads (each row is transformed on its own: the result does not
+    /// depend on the thread count).
     pub fn apply_rows(&self, x: &mut [f32]) {
-        for row in x.chunks_exact_mut(self.n) {
-            self.apply(row);
+        use rayon::prelude::*;
+        if x.len() <= self.n {
+            let mut scratch = Vec::new();
+            for row in x.chunks_exact_mut(self.n) {
+                self.apply_with(row, &mut scratch);
+            }
+            return;
         }
+        x.par_chunks_exact_mut(self.n)
+            .for_each_init(Vec::new, |scratch, row| self.apply_with(row, scratch));
     }
 
     /// Entry `(i, j)` of the unnormalized `H_n` (+1 or -1).
