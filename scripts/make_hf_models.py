@@ -57,6 +57,29 @@ SPECS = {
         num_attention_heads=8, num_key_value_heads=2, hidden_act="silu",
         rms_norm_eps=1e-5, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), torch.bfloat16),
+    # Widths with Hadamard matrices (n = m * 2^k, m in the stored orders), so that the BitNet v2
+    # schemes and rotations run on models made by transformers too: the o_proj input is the
+    # hidden size, the down_proj input the FFN width.
+    "bitnet-h160": (BitNetForCausalLM, dict(
+        vocab_size=700, hidden_size=160, intermediate_size=432, num_hidden_layers=4,
+        num_attention_heads=5, num_key_value_heads=1, hidden_act="relu2",
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), torch.bfloat16),
+    "bitnet-h224": (BitNetForCausalLM, dict(
+        vocab_size=600, hidden_size=224, intermediate_size=640, num_hidden_layers=5,
+        num_attention_heads=7, num_key_value_heads=7, hidden_act="relu2",
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), torch.float32),
+    "llama-h144": (LlamaForCausalLM, dict(
+        vocab_size=500, hidden_size=144, intermediate_size=416, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, hidden_act="silu",
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), torch.float16),
+    "llama-h240": (LlamaForCausalLM, dict(
+        vocab_size=800, hidden_size=240, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=10, num_key_value_heads=5, hidden_act="silu",
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), torch.bfloat16),
 }
 
 

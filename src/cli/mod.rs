@@ -82,7 +82,8 @@ pub struct RotateArgs {
 /// How a source checkpoint is executed.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ModeArg {
-    /// The training forward: absmean fake-quant weights, per-token int8 fake-quant activations.
+    /// The training forward: absmean fake-quant weights, fake-quant activations (a8 per token
+    /// unless config.json declares another scheme; with parity, the scheme the file recorded).
     Qat,
     /// Full precision, no quantization.
     Fp,

@@ -179,7 +179,7 @@ fn human(r: &ParityReport) -> String {
     );
     let _ = writeln!(
         s,
-        "(flips/near: activations that rounded to a neighbouring int8 step in the two paths / that sat within float rounding of a rounding boundary)"
+        "(flips/near: activations that rounded to a neighbouring quantization step in the two paths / that sat within float rounding of a rounding boundary)"
     );
     match &r.tolerances {
         Some(t) => {

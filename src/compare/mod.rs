@@ -32,7 +32,7 @@ pub struct Tolerances {
     /// What a block half adds to the residual stream, given the source's residual stream. The
     /// last projection of each half (`o_proj`, `down_proj`) quantizes an input that differs
     /// from the source's by float rounding, so an activation that sits on a rounding boundary
-    /// can round to the neighbouring int8 step in one path: the projection and input checks
+    /// can round to the neighbouring quantization step in one path: the projection and input checks
     /// above are the tight ones; this one catches what lies between them (the residual adds).
     pub half_rel_l2: f64,
     /// The final norm and the head given the source's last hidden state (float arithmetic

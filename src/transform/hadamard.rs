@@ -38,6 +38,8 @@ pub struct Hadamard {
     pow2: usize,
     /// `H_m`, row-major, entries +1/-1.
     hm: Vec<i8>,
+    /// The same entries as f32 (+1.0/-1.0), for the branch-free mix.
+    hm_f32: Vec<f32>,
     /// `1 / sqrt(n)` in f32.
     scale: f32,
 }
@@ -46,11 +48,13 @@ impl Hadamard {
     /// The transform of size `n`, or an error naming the supported sizes.
     pub fn new(n: usize) -> Result<Self, UnsupportedSize> {
         let (m, pow2) = decompose(n).ok_or(UnsupportedSize { n })?;
+        let hm = if m == 1 { vec![1] } else { stored(m) };
         Ok(Hadamard {
             n,
             m,
             pow2,
-            hm: if m == 1 { vec![1] } else { stored(m) },
+            hm_f32: hm.iter().map(|&h| f32::from(h)).collect(),
+            hm,
             scale: (1.0 / (n as f64).sqrt()) as f32,
         })
     }
@@ -79,31 +83,34 @@ impl Hadamard {
     }
 
     /// [`Hadamard::apply`] with a reusable scratch buffer (grown to `n` when `m > 1`).
-    fn apply_with(&self, x: &mut [f32], scratch: &mut Vec<f32>) {
+    pub(crate) fn apply_with(&self, x: &mut [f32], scratch: &mut Vec<f32>) {
         debug_assert_eq!(x.len(), self.n);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::num::cpu::has_avx2() {
+                // SAFETY: the CPU supports AVX2 (checked at run time just above).
+                return unsafe { self.apply_avx2(x, scratch) };
+            }
+        }
+        self.apply_body(x, scratch)
+    }
+
+    /// The same operations compiled for AVX2 (the same sums in the same order, more lanes).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn apply_avx2(&self, x: &mut [f32], scratch: &mut Vec<f32>) {
+        self.apply_body(x, scratch)
+    }
+
+    #[inline(always)]
+    fn apply_body(&self, x: &mut [f32], scratch: &mut Vec<f32>) {
         for block in x.chunks_exact_mut(self.pow2) {
             fwht(block);
         }
         if self.m > 1 {
-            // out[a][b] = sum over a' of H_m[a][a'] * x[a'][b], accumulated from 0 in the order
-            // a' = 0, 1, ... (§9.4). The loop runs over b innermost, whole blocks of `pow2`
-            // contiguous values at a time (vectorized), which keeps that order for every
-            // element: the same bits as one element at a time. H_m * v is +v or -v exactly, and
-            // acc + (-v) is acc - v.
-            let p = self.pow2;
             scratch.clear();
             scratch.extend_from_slice(x);
-            for (a, out) in x.chunks_exact_mut(p).enumerate() {
-                out.fill(0.0);
-                let row = &self.hm[a * self.m..(a + 1) * self.m];
-                for (&h, src) in row.iter().zip(scratch.chunks_exact(p)) {
-                    if h > 0 {
-                        out.iter_mut().zip(src).for_each(|(o, &v)| *o += v);
-                    } else {
-                        out.iter_mut().zip(src).for_each(|(o, &v)| *o -= v);
-                    }
-                }
-            }
+            mix_body(&self.hm_f32, self.m, self.pow2, scratch, x);
         }
         for v in x.iter_mut() {
             *v *= self.scale;
@@ -139,6 +146,38 @@ impl Hadamard {
     }
 }
 
+/// The `H_m` stage: `out[a][b] = sum over a' of H_m[a][a'] * src[a'][b]` for `src` and `out`
+/// of `m` blocks of `p` values, each sum accumulated from 0 in the order `a' = 0, 1, ...`
+/// (formats/bpk.md §9.4). `H_m[a][a'] * v` is `+v` or `-v` exactly, so the sums are exactly
+/// the specified ones whatever the vector width: lanes only run several `b` at once.
+/// Lanes of `b` accumulated together, in registers across the whole sum over `a'`.
+const MIX_LANES: usize = 16;
+
+#[inline(always)]
+fn mix_body(hm: &[f32], m: usize, p: usize, src: &[f32], out: &mut [f32]) {
+    let full = p / MIX_LANES * MIX_LANES;
+    for (a, out_block) in out.chunks_exact_mut(p).enumerate() {
+        let row = &hm[a * m..(a + 1) * m];
+        for b0 in (0..full).step_by(MIX_LANES) {
+            let mut acc = [0f32; MIX_LANES];
+            for (a2, &h) in row.iter().enumerate() {
+                let s = &src[a2 * p + b0..a2 * p + b0 + MIX_LANES];
+                for (acc, &v) in acc.iter_mut().zip(s) {
+                    *acc += h * v;
+                }
+            }
+            out_block[b0..b0 + MIX_LANES].copy_from_slice(&acc);
+        }
+        for b in full..p {
+            let mut acc = 0f32;
+            for (a2, &h) in row.iter().enumerate() {
+                acc += h * src[a2 * p + b];
+            }
+            out_block[b] = acc;
+        }
+    }
+}
+
 /// `n = m * 2^k` with `m` the first of [`ORDERS`] that fits, or `m = 1` for a power of two.
 fn decompose(n: usize) -> Option<(usize, usize)> {
     if n == 0 {
@@ -154,15 +193,17 @@ fn decompose(n: usize) -> Option<(usize, usize)> {
 }
 
 /// In-place unnormalized fast Walsh-Hadamard transform in natural (Sylvester) order.
+#[inline(always)]
 fn fwht(x: &mut [f32]) {
     let n = x.len();
     let mut h = 1;
     while h < n {
-        for i in (0..n).step_by(2 * h) {
-            for j in i..i + h {
-                let (a, b) = (x[j], x[j + h]);
-                x[j] = a + b;
-                x[j + h] = a - b;
+        for pair in x.chunks_exact_mut(2 * h) {
+            let (lo, hi) = pair.split_at_mut(h);
+            for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+                let (u, v) = (*a, *b);
+                *a = u + v;
+                *b = u - v;
             }
         }
         h *= 2;

@@ -97,10 +97,29 @@ impl Rotation {
 
     /// `v <- v Q = T_h(s * v)` for one residual-width vector.
     pub fn rotate(&self, v: &mut [f32]) {
+        self.rotate_with(v, &mut Vec::new());
+    }
+
+    /// [`Rotation::rotate`] with a reusable scratch buffer.
+    fn rotate_with(&self, v: &mut [f32], scratch: &mut Vec<f32>) {
         for (x, s) in v.iter_mut().zip(&self.signs) {
             *x *= s;
         }
-        self.residual.apply(v);
+        self.residual.apply_with(v, scratch);
+    }
+
+    /// Rotates every `len`-row of `values` (after multiplying it by `gain`), rows spread over
+    /// the worker threads; each row on its own, so the result does not depend on their number.
+    fn rotate_rows(&self, values: &mut [f32], len: usize, gain: Option<&[f32]>) {
+        use rayon::prelude::*;
+        values
+            .par_chunks_exact_mut(len)
+            .for_each_init(Vec::new, |scratch, row| {
+                if let Some(g) = gain {
+                    row.iter_mut().zip(g).for_each(|(w, g)| *w *= g);
+                }
+                self.rotate_with(row, scratch);
+            });
     }
 
     /// Folds the rotation into a tensor of `role` (`values` row-major `[rows, cols]`, f32).
@@ -110,25 +129,23 @@ impl Rotation {
     pub fn fold(&self, role: Role, values: &mut [f32], cols: usize, gain: Option<&[f32]>) {
         use Role::*;
         match role {
-            Embedding => values.chunks_exact_mut(cols).for_each(|r| self.rotate(r)),
+            Embedding => self.rotate_rows(values, cols, None),
             QProj | KProj | VProj | GateProj | UpProj | LmHead => {
-                for row in values.chunks_exact_mut(cols) {
-                    if let Some(g) = gain {
-                        row.iter_mut().zip(g).for_each(|(w, g)| *w *= g);
-                    }
-                    self.rotate(row);
-                }
+                self.rotate_rows(values, cols, gain)
             }
             OProj | DownProj => {
+                // Every column: transposed, rotated as rows, transposed back.
                 let rows = values.len() / cols;
-                let mut col = vec![0f32; rows];
-                for c in 0..cols {
-                    for (r, v) in col.iter_mut().enumerate() {
-                        *v = values[r * cols + c];
+                let mut t = vec![0f32; values.len()];
+                for (r, row) in values.chunks_exact(cols).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        t[c * rows + r] = v;
                     }
-                    self.rotate(&mut col);
-                    for (r, v) in col.iter().enumerate() {
-                        values[r * cols + c] = *v;
+                }
+                self.rotate_rows(&mut t, rows, None);
+                for (c, col) in t.chunks_exact(rows).enumerate() {
+                    for (r, &v) in col.iter().enumerate() {
+                        values[r * cols + c] = v;
                     }
                 }
                 let online = if role == OProj {
