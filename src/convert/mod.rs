@@ -67,6 +67,10 @@ pub enum ConvertError {
     File(#[from] FileError),
     #[error("{path}: {error}")]
     Write { path: PathBuf, error: WriteError },
+    #[error(
+        "{path}: the projections are already ternary (an HF offline/packed checkpoint), and a rotation must be folded into float weights before ternarization; rotate the bf16 master-weight checkpoint instead"
+    )]
+    RotateTernary { path: PathBuf },
     #[error("{path}: verification failed, nothing was written: {reason}")]
     VerifyFailed { path: PathBuf, reason: String },
     #[error(
@@ -140,6 +144,11 @@ pub fn convert_verified(
     crate::fsio::check_output(out, opts.force, &ckpt.input_files())?;
     let write_err = |error| write_error(out, error);
 
+    if opts.scheme.rotate_seed.is_some() && ckpt.is_ternary() {
+        return Err(ConvertError::RotateTernary {
+            path: ckpt.dir.clone(),
+        });
+    }
     let scheme = scheme::scheme(&ckpt.config, &opts.scheme)?;
     let model = scheme::converted_model(&ckpt.config, &opts.scheme);
     let rotation = match &scheme.residual_rotation {
@@ -321,6 +330,20 @@ fn write_tensors(
         let role = job.spec.role;
         let target = opts.keep.unwrap_or(t.dtype);
         match (role.is_ternary(), rotation) {
+            (true, None) if t.ternary.is_some() => {
+                // Already ternary (HF offline quantization): the checkpoint's trits and scale.
+                let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+                let trits = ckpt.trits(t)?;
+                let a = t.ternary.as_ref().map(|ts| ts.a).unwrap_or(0.0);
+                let rb = opts.layout.row_bytes(k);
+                let mut packed = vec![0u8; rows * rb];
+                for (src, dst) in trits.chunks_exact(k).zip(packed.chunks_exact_mut(rb)) {
+                    opts.layout.pack_row(src, dst);
+                }
+                writer
+                    .write_tensor(Some(a), |sink| sink.write_all(&packed))
+                    .map_err(out_path)?;
+            }
             (true, None) => {
                 let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
                 let (scale, packed) = ternarize(t.dtype, bytes, rows, k, opts.layout)

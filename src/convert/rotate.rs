@@ -50,6 +50,11 @@ pub struct RotateSummary {
 /// Writes the rotated checkpoint of `src` into the new directory `out`.
 pub fn rotate(src: &Path, out: &Path, opts: &RotateOptions) -> Result<RotateSummary, ConvertError> {
     let ckpt = Checkpoint::open(src)?;
+    if ckpt.is_ternary() {
+        return Err(ConvertError::RotateTernary {
+            path: ckpt.dir.clone(),
+        });
+    }
     let rotation = Rotation::new(&ckpt.config, opts.seed, &[])
         .map_err(|e| SchemeError::Rotation(e.to_string()))?;
     let dir = AtomicDir::create(out, &ckpt.dir)?;

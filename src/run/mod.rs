@@ -47,4 +47,6 @@ pub enum RunError {
     },
     #[error(transparent)]
     Format(#[from] crate::format::FormatError),
+    #[error(transparent)]
+    Source(Box<crate::source::SourceError>),
 }

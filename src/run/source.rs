@@ -50,6 +50,15 @@ pub struct SourceLinear<'a> {
 
 impl SourceLinear<'_> {
     fn weights(&self) -> Vec<f32> {
+        if let Some(ts) = &self.tensor.ternary {
+            // Already ternary: `a * trit` in both modes (there are no other weights to run).
+            // The trits were checked when the model was loaded.
+            let trits = self
+                .ckpt
+                .trits(self.tensor)
+                .expect("trits checked by source::load");
+            return trits.iter().map(|&t| ts.a * f32::from(t)).collect();
+        }
         let mut w = vec![0f32; self.tensor.numel()];
         decode_f32(self.tensor.dtype, self.ckpt.bytes(self.tensor), &mut w);
         let k = self.tensor.spec.shape[1];
@@ -105,6 +114,11 @@ pub fn load<'a>(
     scheme: &QuantScheme,
 ) -> Result<Transformer<'a, SourceLinear<'a>>, RunError> {
     for t in &ckpt.tensors {
+        if t.ternary.is_some() {
+            // Its scale was checked on opening; its codes are checked here, once.
+            ckpt.trits(t).map_err(|e| RunError::Source(Box::new(e)))?;
+            continue;
+        }
         if let Some((index, value)) = first_non_finite(t.dtype, ckpt.bytes(t)) {
             return Err(RunError::NonFinite {
                 path: ckpt.shards[t.shard].path.clone(),

@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+pub mod hf_packed;
+
+pub use self::hf_packed::{LinearClass, TernarySource, TritStorage};
+
 use crate::fsio::{self, FileError};
 use crate::model::{
     ConfigError, ModelConfig, Role, TensorSpec, expected_tensors, roles::IGNORED_SUFFIXES,
@@ -69,13 +73,26 @@ pub enum SourceError {
         tensor: String,
         dtype: String,
     },
-    #[error(
-        "{path}: tensor `{tensor}` is already packed ({dtype}); this looks like an HF packed BitNet checkpoint, which convert does not read yet: use the bf16 master-weight checkpoint"
-    )]
+    #[error("{path}: tensor `{tensor}` is already packed ({dtype}), but {reason}")]
     PackedCheckpoint {
         path: PathBuf,
         tensor: String,
         dtype: String,
+        reason: String,
+    },
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    Offline {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
+    #[error(
+        "{path}: tensor `{tensor}` {error}; an HF packed checkpoint holds trits only: re-export it, or convert the master weights instead"
+    )]
+    Trits {
+        path: PathBuf,
+        tensor: String,
+        error: hf_packed::TritError,
     },
     #[error("{dir}: tensor `{name}` is missing (expected shape {expected:?} from config.json)")]
     MissingTensor {
@@ -128,6 +145,9 @@ pub struct SourceTensor {
     /// Absolute byte range inside the shard file.
     pub start: usize,
     pub end: usize,
+    /// Set when the checkpoint stores this projection already ternary (HF offline
+    /// quantization): its trits are taken as they are. `dtype` is then the type of its scale.
+    pub ternary: Option<TernarySource>,
 }
 
 impl SourceTensor {
@@ -374,6 +394,35 @@ impl Checkpoint {
             .collect()
     }
 
+    /// The trits of an already-ternary projection (`[out, in]`, row-major), checked.
+    pub fn trits(&self, t: &SourceTensor) -> Result<Vec<i8>, SourceError> {
+        let Some(ts) = &t.ternary else {
+            return Err(SourceError::Offline {
+                path: self.shards[t.shard].path.clone(),
+                tensor: t.spec.name.clone(),
+                reason: "holds master weights, not trits".into(),
+            });
+        };
+        let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+        let mut out = vec![0i8; rows * k];
+        let bytes = self.bytes(t);
+        match ts.storage {
+            TritStorage::Packed => hf_packed::unpack_packed(bytes, rows, k, &mut out),
+            TritStorage::Float(d) => hf_packed::float_trits(d, bytes, k, &mut out),
+        }
+        .map_err(|error| SourceError::Trits {
+            path: self.shards[t.shard].path.clone(),
+            tensor: t.spec.name.clone(),
+            error,
+        })?;
+        Ok(out)
+    }
+
+    /// Whether any projection is stored already ternary.
+    pub fn is_ternary(&self) -> bool {
+        self.tensors.iter().any(|t| t.ternary.is_some())
+    }
+
     /// Total bytes of the tensors in canonical order (the work a conversion reads).
     pub fn tensor_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| (t.end - t.start) as u64).sum()
@@ -613,6 +662,148 @@ fn first_duplicate_key(header: &[u8]) -> Option<String> {
 
 type Found = BTreeMap<String, (usize, safetensors::tensor::TensorInfo, usize)>;
 
+/// Decides whether a projection is stored already ternary (transformers' offline BitNet
+/// quantization, [`hf_packed`]) and, if so, checks its shape and its `weight_scale` (taken out
+/// of `found`). Returns `None` for master weights (the default: floats and no offline config).
+fn offline_projection(
+    config: &ModelConfig,
+    shards: &[Shard],
+    found: &mut Found,
+    path: &Path,
+    spec: &TensorSpec,
+    info: &safetensors::tensor::TensorInfo,
+) -> Result<Option<(FloatDtype, TernarySource)>, SourceError> {
+    let offline = |reason: String| SourceError::Offline {
+        path: path.to_path_buf(),
+        tensor: spec.name.clone(),
+        reason,
+    };
+    let packed = matches!(info.dtype, safetensors::Dtype::U8);
+    let sq = config.source_quantization.as_ref();
+    let mode = sq.and_then(|q| q.quantization_mode.as_deref());
+    let bitnet = sq.is_some_and(|q| q.quant_method == "bitnet");
+    let offline_floats = bitnet && mode == Some("offline");
+    if !packed && !offline_floats {
+        // Master weights (or an unsupported dtype, reported by the caller).
+        if matches!(info.dtype, safetensors::Dtype::I8) {
+            return Err(SourceError::PackedCheckpoint {
+                path: path.to_path_buf(),
+                tensor: spec.name.clone(),
+                dtype: "I8".into(),
+                reason: "int8 projection weights are no layout bitnet-pack reads (HF packed checkpoints store uint8 [out/4, in] with quantization_config.quantization_mode offline)".into(),
+            });
+        }
+        return Ok(None);
+    }
+    let packed_error = |reason: &str| SourceError::PackedCheckpoint {
+        path: path.to_path_buf(),
+        tensor: spec.name.clone(),
+        dtype: format!("{:?}", info.dtype),
+        reason: reason.to_string(),
+    };
+    if packed && !bitnet {
+        return Err(packed_error(
+            "config.json has no BitNet quantization_config, so the scale convention is unknown; add the quantization_config the checkpoint was exported with (quant_method bitnet, linear_class bitlinear or autobitlinear, quantization_mode offline)",
+        ));
+    }
+    if packed && mode == Some("online") {
+        return Err(packed_error(
+            "quantization_config says quantization_mode online (bf16 master weights); a packed checkpoint is offline: fix quantization_mode, or use the master-weight checkpoint",
+        ));
+    }
+    let class_name = sq.and_then(|q| q.linear_class.as_deref());
+    let class = LinearClass::parse(class_name).ok_or_else(|| {
+        offline(format!(
+            "quantization_config.linear_class `{}` is not bitlinear or autobitlinear",
+            class_name.unwrap_or_default()
+        ))
+    })?;
+    let (rows, k) = (spec.shape[0], spec.shape[1]);
+    let storage = if packed {
+        if rows % hf_packed::TRITS_PER_BYTE != 0 {
+            return Err(offline(format!(
+                "{rows} output rows are not a multiple of 4, which transformers' packed layout needs"
+            )));
+        }
+        let want = vec![rows / hf_packed::TRITS_PER_BYTE, k];
+        if info.shape != want {
+            return Err(SourceError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: spec.name.clone(),
+                expected: want,
+                found: info.shape.clone(),
+            });
+        }
+        TritStorage::Packed
+    } else {
+        if class == LinearClass::BitLinear {
+            return Err(offline(
+                "quantization_config says linear_class bitlinear, offline: transformers' BitLinear holds packed uint8 weights only, but this one is a float tensor; set linear_class autobitlinear if these are ternary floats, or quantization_mode online if they are master weights".into(),
+            ));
+        }
+        let dtype = FloatDtype::from_safetensors(info.dtype).ok_or_else(|| {
+            SourceError::UnsupportedDtype {
+                path: path.to_path_buf(),
+                tensor: spec.name.clone(),
+                dtype: format!("{:?}", info.dtype),
+            }
+        })?;
+        if info.shape != spec.shape {
+            return Err(SourceError::ShapeMismatch {
+                path: path.to_path_buf(),
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+                found: info.shape.clone(),
+            });
+        }
+        TritStorage::Float(dtype)
+    };
+    let scale_tensor = hf_packed::scale_name(&spec.name);
+    let Some((ssi, sinfo, sstart)) = found.remove(&scale_tensor) else {
+        return Err(offline(format!(
+            "its scale `{scale_tensor}` is missing; an offline BitNet checkpoint stores one weight_scale per projection (re-export the checkpoint with it)"
+        )));
+    };
+    let spath = &shards[ssi].path;
+    let scale_err = |reason: String| SourceError::Offline {
+        path: spath.clone(),
+        tensor: scale_tensor.clone(),
+        reason,
+    };
+    let sdtype = FloatDtype::from_safetensors(sinfo.dtype)
+        .ok_or_else(|| scale_err(format!("dtype {:?} is not F32, F16 or BF16", sinfo.dtype)))?;
+    if sinfo.shape.iter().product::<usize>() != 1 {
+        return Err(scale_err(format!(
+            "shape {:?} is not a single value (one scale per tensor)",
+            sinfo.shape
+        )));
+    }
+    let bytes = shards[ssi]
+        .mmap
+        .get(sstart + sinfo.data_offsets.0..sstart + sinfo.data_offsets.1)
+        .ok_or_else(|| scale_err("data lies outside the file".into()))?;
+    let mut v = [0f32];
+    crate::num::dtype::decode_f32(sdtype, bytes, &mut v);
+    let ws = v[0];
+    let a = class.a_from_weight_scale(ws);
+    if !(ws.is_finite() && ws > 0.0 && a.is_finite() && a > 0.0) {
+        return Err(scale_err(format!(
+            "weight_scale is {ws}; it must be finite and positive (linear_class {} makes a = {a})",
+            class.as_str()
+        )));
+    }
+    Ok(Some((
+        sdtype,
+        TernarySource {
+            storage,
+            class,
+            scale_tensor,
+            weight_scale: ws,
+            a,
+        },
+    )))
+}
+
 /// Matches the tensors found in the files against the list implied by the config.
 fn match_tensors(
     dir: &Path,
@@ -630,22 +821,29 @@ fn match_tensors(
             });
         };
         let path = shards[si].path.clone();
+        let (start, end) = (
+            data_start + info.data_offsets.0,
+            data_start + info.data_offsets.1,
+        );
+        if spec.role.is_ternary()
+            && let Some((dtype, ternary)) =
+                offline_projection(config, shards, &mut found, &path, &spec, &info)?
+        {
+            tensors.push(SourceTensor {
+                spec,
+                dtype,
+                shard: si,
+                start,
+                end,
+                ternary: Some(ternary),
+            });
+            continue;
+        }
         let dtype = FloatDtype::from_safetensors(info.dtype).ok_or_else(|| {
-            let dtype = format!("{:?}", info.dtype);
-            if spec.role.is_ternary()
-                && matches!(info.dtype, safetensors::Dtype::U8 | safetensors::Dtype::I8)
-            {
-                SourceError::PackedCheckpoint {
-                    path: path.clone(),
-                    tensor: spec.name.clone(),
-                    dtype,
-                }
-            } else {
-                SourceError::UnsupportedDtype {
-                    path: path.clone(),
-                    tensor: spec.name.clone(),
-                    dtype,
-                }
+            SourceError::UnsupportedDtype {
+                path: path.clone(),
+                tensor: spec.name.clone(),
+                dtype: format!("{:?}", info.dtype),
             }
         })?;
         if info.shape != spec.shape {
@@ -656,16 +854,13 @@ fn match_tensors(
                 found: info.shape,
             });
         }
-        let (start, end) = (
-            data_start + info.data_offsets.0,
-            data_start + info.data_offsets.1,
-        );
         tensors.push(SourceTensor {
             spec,
             dtype,
             shard: si,
             start,
             end,
+            ternary: None,
         });
     }
     let mut skipped = Vec::new();
