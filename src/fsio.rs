@@ -491,6 +491,29 @@ extern "C" fn on_sigbus(_: libc::c_int) {
     }
 }
 
+/// Checks, before any work, that a new directory can be made at `target`: its parent is a
+/// directory and the target is absent or an empty directory ([`AtomicDir::create`] checks it
+/// again when it is made).
+pub fn check_new_dir(target: &Path) -> Result<(), FileError> {
+    let parent = parent_dir(target);
+    match std::fs::metadata(&parent) {
+        Ok(m) if m.is_dir() => {}
+        _ => return Err(FileError::NoDirectory { dir: parent }),
+    }
+    if let Some(m) = stat(target)? {
+        let empty_dir = m.is_dir()
+            && std::fs::read_dir(target)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if !empty_dir {
+            return Err(FileError::DirNotEmpty {
+                path: target.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A directory being filled beside its target directory, renamed onto it by
 /// [`AtomicDir::persist`]; dropped without persisting, or interrupted, it is removed with its
 /// contents. The target must not exist, or be an empty directory.

@@ -286,3 +286,120 @@ fn contradicting_configs_are_refused() {
     assert_eq!(code(&o), 2);
     assert!(stderr(&o).contains("already ternary"), "{}", stderr(&o));
 }
+
+/// `--to hf` writes what the packed reader reads back: the same trits, `a` exactly with
+/// autobitlinear (weight_scale = a in F32), and with bitlinear `1/(1/a)` within one f32 step;
+/// the re-imported model computes the logits of the .bpk it came from. (That transformers loads
+/// the export and agrees is checked by scripts/check_interop.py; see docs/interop.md.)
+#[test]
+fn hf_export_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-hf-saved");
+    let first = tmp.path().join("first.bpk");
+    convert_ok(&src, &first, &[]);
+    let a = BpkFile::open(&first).unwrap();
+    let tokens = [0u32, 5, 17, 42, 99, 3];
+    let want = packed_logits(&first, &tokens);
+    for class in ["autobitlinear", "bitlinear"] {
+        let dir = tmp.path().join(class);
+        convert_ok(&src, &dir, &["--to", "hf", "--linear-class", class]);
+        assert!(dir.join("tokenizer.json").exists());
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["quantization_config"]["linear_class"], class);
+        assert_eq!(cfg["quantization_config"]["quantization_mode"], "offline");
+        let back = tmp.path().join(format!("{class}.bpk"));
+        convert_ok(&dir, &back, &["--verify"]);
+        let b = BpkFile::open(&back).unwrap();
+        for (x, y) in a.header.tensors.iter().zip(&b.header.tensors) {
+            assert_eq!(x.name, y.name);
+            if x.encoding.ternary().is_some() {
+                assert_eq!(a.raw(x).unwrap(), b.raw(y).unwrap(), "{} trits", x.name);
+                let (sx, sy) = (x.scale_f32().unwrap(), y.scale_f32().unwrap());
+                let ulps = (sx.to_bits() as i64 - sy.to_bits() as i64).abs();
+                assert!(
+                    ulps <= if class == "autobitlinear" { 0 } else { 1 },
+                    "{} scale {sx} -> {sy}",
+                    x.name
+                );
+            } else {
+                assert_eq!(a.raw(x).unwrap(), b.raw(y).unwrap(), "{}", x.name);
+            }
+        }
+        let got = packed_logits(&back, &tokens);
+        let s = compare_logits(&want, &got, want.len() / tokens.len(), 10.0);
+        assert!(s.within(&GOLDEN_LOGITS), "{class}: {s:?}");
+    }
+    // A .bpk exports directly, with a config.json written from its model section.
+    let dir = tmp.path().join("from-bpk");
+    convert_ok(&first, &dir, &["--to", "hf"]);
+    let again = tmp.path().join("again.bpk");
+    convert_ok(&dir, &again, &[]);
+    let got = packed_logits(&again, &tokens);
+    assert_eq!(got, want, "export of a .bpk and back changed the logits");
+}
+
+/// What transformers cannot compute is refused before any work, and nothing is left behind.
+#[test]
+fn hf_export_refuses_what_transformers_cannot_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-hf-saved");
+    for extra in [
+        &["--activations", "a4"][..],
+        &["--online-hadamard", "o_proj"],
+        &["--kv-bits", "4"],
+    ] {
+        let dir = tmp.path().join("out");
+        let mut args = vec![
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            dir.to_str().unwrap(),
+            "--to",
+            "hf",
+        ];
+        args.extend_from_slice(extra);
+        let o = bin(&args);
+        assert_eq!(code(&o), 2, "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--to hf"), "{}", stderr(&o));
+        assert!(!dir.exists());
+    }
+    // The same scheme recorded in a .bpk is refused on export, naming the file.
+    let a4 = tmp.path().join("a4.bpk");
+    convert_ok(&src, &a4, &["--activations", "a4"]);
+    let dir = tmp.path().join("out");
+    let o = bin(&[
+        "convert",
+        a4.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--to",
+        "hf",
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("a4.bpk") && stderr(&o).contains("activations a4"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!dir.exists());
+    // A non-empty target directory is refused.
+    let full = tempfile::tempdir().unwrap();
+    std::fs::write(full.path().join("keep"), b"x").unwrap();
+    let o = bin(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        full.path().to_str().unwrap(),
+        "--to",
+        "hf",
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(full.path().join("keep").exists());
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}

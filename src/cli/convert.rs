@@ -9,15 +9,20 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::Path;
 
 use super::parity::DEFAULT_RANDOM_TOKENS;
-use super::{ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, human_bytes, say, with_threads};
+use super::{
+    ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, LinearClassArg, ToArg, human_bytes, say,
+    with_threads,
+};
 use crate::compare::parity::{parity, random_tokens};
 use crate::convert::scheme::{SchemeOptions, parse_sites};
-use crate::convert::{ConvertError, ConvertOptions, convert_verified};
+use crate::convert::{ConvertError, ConvertOptions, convert_export, convert_verified};
+use crate::export::hf::export_hf;
 use crate::format::{BpkFile, Storage};
 use crate::num::FloatDtype;
 use crate::pack::TernaryLayout;
 use crate::run::SourceMode;
 use crate::source::Checkpoint;
+use crate::source::LinearClass;
 
 pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let opts = ConvertOptions {
@@ -94,8 +99,66 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             ))
         }
     };
-    let result = with_threads(a.threads, || {
-        convert_verified(&a.src, &a.output, &opts, &|n| bar.inc(n), &verify)
+    let to = a.to.unwrap_or(ToArg::Bpk);
+    let class = match a.linear_class {
+        LinearClassArg::Autobitlinear => LinearClass::AutoBitLinear,
+        LinearClassArg::Bitlinear => LinearClass::BitLinear,
+    };
+    let src_is_bpk = a.src.is_file() && a.src.extension().is_some_and(|x| x == "bpk");
+    if src_is_bpk {
+        bar.finish_and_clear();
+        return export_bpk(&a, to, class);
+    }
+    let export_hf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
+        let file = Storage::map(tmp)
+            .and_then(|storage| BpkFile::from_storage(&a.output, storage))
+            .map_err(|e| ConvertError::Output {
+                error: e.to_string(),
+            })?;
+        export_hf(&file, &a.output, class, Some(&ckpt.dir)).map_err(|e| ConvertError::Output {
+            error: e.to_string(),
+        })?;
+        Ok(())
+    };
+    let result = with_threads(a.threads, || match to {
+        ToArg::Bpk => convert_verified(&a.src, &a.output, &opts, &|n| bar.inc(n), &verify),
+        ToArg::Hf => {
+            // Fail before the work if the target directory cannot be made, or if options
+            // ask for what transformers' BitNet layers cannot compute (checked again on the
+            // file, which also catches a scheme config.json declares).
+            crate::fsio::check_new_dir(&a.output)?;
+            if let Some(flag) = [
+                (
+                    a.activations.as_deref().is_some_and(|s| s != "a8"),
+                    "--activations",
+                ),
+                (
+                    a.online_hadamard.as_deref().is_some_and(|s| s != "none"),
+                    "--online-hadamard",
+                ),
+                (a.kv_bits.is_some(), "--kv-bits"),
+                (a.q_bits.is_some(), "--q-bits"),
+                (a.rotate.is_some(), "--rotate"),
+            ]
+            .iter()
+            .find(|(set, _)| *set)
+            .map(|(_, f)| f)
+            {
+                return Err(ConvertError::Output {
+                    error: format!(
+                        "{flag} cannot be combined with --to hf: transformers' BitNet layers run BitNet b1.58 only (int8 per-token activations, no online transforms, float attention); write a .bpk instead"
+                    ),
+                });
+            }
+            convert_export(
+                &a.src,
+                &a.output,
+                &opts,
+                &|n| bar.inc(n),
+                &verify,
+                &export_hf_from,
+            )
+        }
     })?;
     bar.finish_and_clear();
     if let Err(e @ ConvertError::VerifyFailed { .. }) = &result {
@@ -116,19 +179,35 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         let params: u64 = ternary.iter().filter_map(|t| t.numel()).sum();
         let bytes: u64 = ternary.iter().map(|t| t.length).sum();
         let secs = start.elapsed().as_secs_f64();
-        say(&format!(
-            "wrote {}: {} ({}), {} tensors, {} ternary weights in {} ({:.3} bits/weight, layout {}) in {:.2} s ({}/s of source)",
-            a.output.display(),
-            h.model.architecture,
-            human_bytes(summary.file_len),
-            h.tensors.len(),
-            params,
-            human_bytes(bytes),
-            bytes as f64 * 8.0 / params.max(1) as f64,
-            opts.layout.as_str(),
-            secs,
-            human_bytes((summary.source_tensor_bytes as f64 / secs.max(1e-9)) as u64),
-        ));
+        if to == ToArg::Hf {
+            say(&format!(
+                "wrote {}: HF packed checkpoint ({}, linear_class {}, weight_scale = {}) with {} ternary weights, from the .bpk made on the way, in {:.2} s",
+                a.output.display(),
+                h.model.architecture,
+                class.as_str(),
+                if class == LinearClass::AutoBitLinear {
+                    "a"
+                } else {
+                    "1/a"
+                },
+                params,
+                secs
+            ));
+        } else {
+            say(&format!(
+                "wrote {}: {} ({}), {} tensors, {} ternary weights in {} ({:.3} bits/weight, layout {}) in {:.2} s ({}/s of source)",
+                a.output.display(),
+                h.model.architecture,
+                human_bytes(summary.file_len),
+                h.tensors.len(),
+                params,
+                human_bytes(bytes),
+                bytes as f64 * 8.0 / params.max(1) as f64,
+                opts.layout.as_str(),
+                secs,
+                human_bytes((summary.source_tensor_bytes as f64 / secs.max(1e-9)) as u64),
+            ));
+        }
         if let Some(r) = &h.quantization.residual_rotation {
             say(&format!(
                 "rotated: randomized Hadamard (seed {}) folded into the weights before ternarization, with online Hadamard transforms at {}. In full precision this computes the same function; under BitNet's quantizers it does not: the folded norm gains and the rotation change what each activation quantizer sees, the rotated weights are ternarized anew, and the sub-norm gains in front of o_proj and down_proj stay in place (they cannot be folded across an activation quantizer).",
@@ -161,4 +240,29 @@ fn dir_tensor_bytes_hint(src: &std::path::Path) -> Option<u64> {
         .filter_map(|e| e.metadata().ok().map(|m| m.len()))
         .sum();
     Some(total)
+}
+
+/// `convert FILE.bpk --to ...`: an export of an existing .bpk (no conversion).
+fn export_bpk(a: &ConvertArgs, to: ToArg, class: LinearClass) -> anyhow::Result<ExitCode> {
+    let file =
+        BpkFile::open(&a.src).with_context(|| format!("could not read {}", a.src.display()))?;
+    match to {
+        ToArg::Bpk => anyhow::bail!(
+            "{} is already a .bpk file; name an output format with --to hf",
+            a.src.display()
+        ),
+        ToArg::Hf => {
+            let s = export_hf(&file, &a.output, class, None)
+                .with_context(|| format!("could not export {}", a.src.display()))?;
+            if !a.quiet {
+                say(&format!(
+                    "wrote {}: HF packed checkpoint, {} tensors, linear_class {} (no tokenizer: the .bpk holds none; copy tokenizer files beside it)",
+                    a.output.display(),
+                    s.tensors,
+                    class.as_str()
+                ));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

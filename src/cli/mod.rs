@@ -180,13 +180,38 @@ pub enum UnpackDtype {
     Bf16,
 }
 
+/// Output format of `convert`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ToArg {
+    /// A .bpk file.
+    Bpk,
+    /// An HF packed BitNet checkpoint directory (transformers, offline quantization).
+    Hf,
+}
+
+/// transformers' BitNet linear class of an HF export (its `weight_scale` convention).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LinearClassArg {
+    /// `output * weight_scale`, weight_scale = a (as microsoft/bitnet-b1.58-2B-4T).
+    Autobitlinear,
+    /// `output / weight_scale`, weight_scale = 1/a (transformers' default class).
+    Bitlinear,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ConvertArgs {
-    /// HF model directory (config.json + model.safetensors or model.safetensors.index.json).
+    /// HF model directory (config.json + model.safetensors or model.safetensors.index.json;
+    /// master weights, or an HF packed checkpoint), or a .bpk file to export with --to.
     pub src: PathBuf,
-    /// Output .bpk file.
+    /// Output: a .bpk file, or a new directory with --to hf.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Output format (default: bpk).
+    #[arg(long, value_enum)]
+    pub to: Option<ToArg>,
+    /// The weight_scale convention of --to hf.
+    #[arg(long, value_enum, default_value = "autobitlinear")]
+    pub linear_class: LinearClassArg,
     /// Layout of the ternary weights.
     #[arg(long, value_enum, default_value = "i2")]
     pub layout: LayoutArg,

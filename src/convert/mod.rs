@@ -139,9 +139,40 @@ pub fn convert_verified(
     progress: &(dyn Fn(u64) + Sync),
     verify: &Verifier<'_>,
 ) -> Result<ConvertSummary, ConvertError> {
+    convert_inner(src, out, opts, progress, verify, None)
+}
+
+/// Writes another format from the finished .bpk (at its temporary path), with the source
+/// checkpoint at hand; the .bpk itself is then deleted.
+pub type Exporter<'a> = dyn Fn(&Checkpoint, &Path) -> Result<(), ConvertError> + Sync + 'a;
+
+/// Converts to a .bpk beside `out` (never persisted), verifies it, and hands it to `export`,
+/// which writes the requested format at `out`: every output format is made from the same
+/// checked .bpk (docs/architecture.md). `export` checks its own target.
+pub fn convert_export(
+    src: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    verify: &Verifier<'_>,
+    export: &Exporter<'_>,
+) -> Result<ConvertSummary, ConvertError> {
+    convert_inner(src, out, opts, progress, verify, Some(export))
+}
+
+fn convert_inner(
+    src: &Path,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    verify: &Verifier<'_>,
+    export: Option<&Exporter<'_>>,
+) -> Result<ConvertSummary, ConvertError> {
     let ckpt = Checkpoint::open(src)?;
     // Before any work: the target must be writable and must not be one of the inputs.
-    crate::fsio::check_output(out, opts.force, &ckpt.input_files())?;
+    if export.is_none() {
+        crate::fsio::check_output(out, opts.force, &ckpt.input_files())?;
+    }
     let write_err = |error| write_error(out, error);
 
     if opts.scheme.rotate_seed.is_some() && ckpt.is_ternary() {
@@ -222,7 +253,13 @@ pub fn convert_verified(
         path: out.to_path_buf(),
         reason,
     })?;
-    let (header, file_len) = finished.persist().map_err(write_err)?;
+    let (header, file_len) = match export {
+        None => finished.persist().map_err(write_err)?,
+        Some(export) => {
+            export(&ckpt, finished.temp_path())?;
+            (finished.header.clone(), finished.len)
+        }
+    };
     Ok(ConvertSummary {
         header,
         file_len,

@@ -2,6 +2,7 @@
 //! for round trips and for tools that only read floats. The file is validated first, so that a
 //! damaged file is refused rather than exported as garbage.
 
+pub mod hf;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,25 @@ pub enum UnpackError {
     Invalid { path: PathBuf, first: String },
     #[error(transparent)]
     Write(#[from] StWriteError),
+    #[error(transparent)]
+    Hf(#[from] hf::HfExportError),
+    #[error("could not encode the output: {0}")]
+    Encode(#[from] std::io::Error),
+}
+
+/// Refuses a file that fails validation: a damaged file is never exported as garbage.
+pub fn check_valid(file: &BpkFile) -> Result<(), UnpackError> {
+    let mut first_finding = None;
+    validate_bytes_into(file.bytes(), &mut |f| {
+        first_finding.get_or_insert(f);
+    });
+    match first_finding {
+        Some(first) => Err(UnpackError::Invalid {
+            path: file.path.clone(),
+            first: first.message.clone(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Writes every tensor of `file` to a safetensors file at `out` in `dtype`. Returns the number
@@ -35,16 +55,7 @@ pub fn unpack(
     force: bool,
 ) -> Result<usize, UnpackError> {
     crate::fsio::check_output(out, force, std::slice::from_ref(&file.path))?;
-    let mut first_finding = None;
-    validate_bytes_into(file.bytes(), &mut |f| {
-        first_finding.get_or_insert(f);
-    });
-    if let Some(first) = first_finding {
-        return Err(UnpackError::Invalid {
-            path: file.path.clone(),
-            first: first.message.clone(),
-        });
-    }
+    check_valid(file)?;
     let planned: Vec<PlannedTensor> = file
         .header
         .tensors
