@@ -92,15 +92,6 @@ impl TernaryLayout {
         }
     }
 
-    /// Weights per block: the unit [`Self::check_row`] checks at a time (rows of `i8`, which
-    /// has no blocks, are checked 128 weights at a time).
-    pub fn block_len(self) -> usize {
-        match self {
-            TernaryLayout::I2 | TernaryLayout::I8 => i2::BLOCK,
-            TernaryLayout::T5 => t5::BLOCK,
-        }
-    }
-
     /// Packs one row of trits into `out` (exactly `row_bytes(trits.len())` bytes).
     // Always inlined, so that the AVX2 builds of its callers (quant::rows, run::model) vectorize it too.
     #[inline(always)]
@@ -118,20 +109,17 @@ impl TernaryLayout {
 
     /// Checks every code of one packed row of `k` weights (`bytes.len() == row_bytes(k)`)
     /// without unpacking it whole: the same verdict and error as [`Self::unpack_row`], with
-    /// memory bounded by one block (at most 160 weights) however long a (hostile) row claims
-    /// to be.
+    /// memory bounded by one block however long a (hostile) row claims to be (`t5` rows are
+    /// checked by [`t5::check_row`]).
     pub fn check_row(self, bytes: &[u8], k: usize) -> Result<(), CodeError> {
         debug_assert_eq!(bytes.len(), self.row_bytes(k));
-        const MAX_BLOCK: usize = if i2::BLOCK > t5::BLOCK {
-            i2::BLOCK
-        } else {
-            t5::BLOCK
-        };
-        let block = self.block_len();
-        let mut buf = [0i8; MAX_BLOCK];
-        for (s, segment) in bytes.chunks(self.row_bytes(block)).enumerate() {
-            let start = s * block;
-            let n = (k - start).min(block);
+        if self == TernaryLayout::T5 {
+            return Ok(t5::check_row(bytes, k)?);
+        }
+        let mut buf = [0i8; i2::BLOCK];
+        for (s, segment) in bytes.chunks(self.row_bytes(i2::BLOCK)).enumerate() {
+            let start = s * i2::BLOCK;
+            let n = (k - start).min(i2::BLOCK);
             self.unpack_row(segment, &mut buf[..n])
                 .map_err(|e| e.shifted(start))?;
         }

@@ -171,6 +171,57 @@ pub fn unpack_row(bytes: &[u8], out: &mut [i8]) -> Result<(), T5Error> {
     Ok(())
 }
 
+/// [`is_valid`] by arithmetic, so that a loop over many bytes vectorizes: a byte is valid when
+/// it is the encoding of `floor(stored * 243 / 256)`, the only value that can encode to it.
+#[inline(always)]
+fn is_valid_arith(stored: u8) -> bool {
+    let v = (u32::from(stored) * VALUES as u32) >> 8;
+    (v * 256).div_ceil(VALUES as u32) == u32::from(stored)
+}
+
+/// Bytes checked per step of [`check_row`]'s scan of whole blocks.
+const SCAN_CHUNK: usize = 4096;
+
+/// Checks one packed row of `k` weights without unpacking it: the same verdict and error as
+/// [`unpack_row`]. Whole blocks have no padding, so their bytes need only be valid (a scan that
+/// vectorizes); the short last block, if any, is unpacked into a 160-weight buffer. Memory does
+/// not depend on `k`.
+pub fn check_row(bytes: &[u8], k: usize) -> Result<(), T5Error> {
+    debug_assert_eq!(bytes.len(), row_bytes(k));
+    let whole = k / BLOCK;
+    let (head, tail) = bytes.split_at(whole * BLOCK_BYTES);
+    for (c, chunk) in head.chunks(SCAN_CHUNK).enumerate() {
+        if chunk.iter().fold(false, |bad, &b| bad | !is_valid_arith(b)) {
+            let at = chunk
+                .iter()
+                .position(|&b| !is_valid(b))
+                .expect("the scan found an invalid byte");
+            let byte = c * SCAN_CHUNK + at;
+            return Err(T5Error::InvalidByte {
+                byte,
+                element: byte / BLOCK_BYTES * BLOCK + byte % BLOCK_BYTES,
+                value: chunk[at],
+            });
+        }
+    }
+    let mut buf = [0i8; BLOCK];
+    unpack_row(tail, &mut buf[..k % BLOCK]).map_err(|e| match e {
+        T5Error::InvalidByte {
+            byte,
+            element,
+            value,
+        } => T5Error::InvalidByte {
+            byte: byte + whole * BLOCK_BYTES,
+            element: element + whole * BLOCK,
+            value,
+        },
+        T5Error::BadPadding { slot, code } => T5Error::BadPadding {
+            slot: slot + whole * BLOCK,
+            code,
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +242,7 @@ mod tests {
             }
         }
         assert_eq!((0..=255u8).filter(|&b| is_valid(b)).count(), VALUES);
+        assert!((0..=255u8).all(|b| is_valid(b) == is_valid_arith(b)));
         let invalid: Vec<u8> = (0..=255u8).filter(|&b| !is_valid(b)).collect();
         assert_eq!(
             invalid,
@@ -261,6 +313,33 @@ mod tests {
             unpack_row(&bad, &mut back),
             Err(T5Error::BadPadding { slot: 164, code: 0 })
         );
+    }
+
+    /// `check_row` agrees with `unpack_row` on long rows (several scan chunks), with damage in
+    /// whole blocks past the first chunk, and in the short last block (bytes and padding).
+    #[test]
+    fn check_row_agrees_with_unpack_row_on_long_rows() {
+        let k = BLOCK * 200 + 13;
+        let trits: Vec<i8> = (0..k).map(|i| (i * 7 % 3) as i8 - 1).collect();
+        let mut clean = vec![0u8; row_bytes(k)];
+        pack_row(&trits, &mut clean);
+        let mut out = vec![0i8; k];
+        assert_eq!(check_row(&clean, k), Ok(()));
+        let n = clean.len();
+        for (pos, value) in [
+            (5000, 20),
+            (SCAN_CHUNK, 1),
+            (n - 4, 237),
+            (n - 1, 1),
+            (n - 1, encode(0)),
+            (n - 1, encode(242)),
+        ] {
+            let mut bad = clean.clone();
+            bad[pos] = value;
+            let found = check_row(&bad, k);
+            assert!(found.is_err(), "byte {pos} = {value}");
+            assert_eq!(found, unpack_row(&bad, &mut out), "byte {pos} = {value}");
+        }
     }
 
     proptest! {
