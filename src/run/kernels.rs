@@ -503,8 +503,10 @@ mod tests {
                 packed
             };
             let mut q = vec![0i8; padded_len(TernaryLayout::T5, k)];
+            // Every activation from -128 (which the t5 kernel takes, its codes being unsigned)
+            // to 127, shifted by one for odd `v`.
             for (i, a) in q[..k].iter_mut().enumerate() {
-                *a = (i % 255) as i8 - 127 + (v % 2) as i8;
+                *a = ((i + usize::from(v % 2)) % 256) as u8 as i8;
             }
             let q_sum: i32 = q.iter().map(|&a| i32::from(a)).sum();
             let want = dot_scalar(TernaryLayout::T5, &row, &q, k);
