@@ -38,7 +38,11 @@ enum Content {
 
 fn content() -> impl Strategy<Value = Content> {
     let ternary = (
-        prop_oneof![Just(TernaryLayout::I2), Just(TernaryLayout::I8)],
+        prop_oneof![
+            Just(TernaryLayout::I2),
+            Just(TernaryLayout::I8),
+            Just(TernaryLayout::T5)
+        ],
         1usize..5,
         1usize..300,
         1e-6f32..10.0,

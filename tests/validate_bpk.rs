@@ -124,8 +124,12 @@ fn each_kind_of_damage_is_named() {
     b[8] = 2;
     expect(b, "UnsupportedVersion");
     let mut b = clean.clone();
-    b[12] = 2;
+    b[12] = 4;
     expect(b, "UnknownFlags");
+    // Bit 1 is known (some tensor uses t5), but this file's tensors are i2.
+    let mut b = clean.clone();
+    b[12] = 2;
+    expect(b, "DenseFlagMismatch");
     // Bit 0 is known (an extended scheme), but this file's scheme is plain b1.58.
     let mut b = clean.clone();
     b[12] = 1;

@@ -29,6 +29,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         layout: match a.layout {
             LayoutArg::I2 => TernaryLayout::I2,
             LayoutArg::I8 => TernaryLayout::I8,
+            LayoutArg::T5 => TernaryLayout::T5,
         },
         keep: match a.keep {
             KeepArg::Source => None,

@@ -161,6 +161,8 @@ pub enum LayoutArg {
     I2,
     /// One int8 per weight.
     I8,
+    /// Five trits per byte (1.6 bits per weight) in blocks of 160; needs a reader of format 1.2.
+    T5,
 }
 
 /// Element type for non-ternary tensors.

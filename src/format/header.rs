@@ -20,6 +20,27 @@ pub struct Header {
     pub provenance: Provenance,
 }
 
+impl Header {
+    /// Whether some tensor uses an encoding added in 1.2 (`t5`): then the preamble carries
+    /// [`crate::format::FLAG_DENSE_TERNARY`], so that a 1.0 or 1.1 reader refuses the file at
+    /// its flags instead of failing on an encoding it does not know (§2.1).
+    pub fn uses_dense_ternary(&self) -> bool {
+        self.tensors.iter().any(|t| t.encoding == Encoding::T5)
+    }
+
+    /// The preamble flags this header calls for (§2.1).
+    pub fn flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.quantization.is_extended() {
+            flags |= crate::format::FLAG_EXTENDED_QUANT;
+        }
+        if self.uses_dense_ternary() {
+            flags |= crate::format::FLAG_DENSE_TERNARY;
+        }
+        flags
+    }
+}
+
 /// How the ternary weights were made and how activations must be quantized at run time (§3.2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuantScheme {
@@ -356,6 +377,8 @@ pub struct RotationSite {
 pub enum Encoding {
     I2,
     I8,
+    /// Five trits per byte (1.2; only in files with [`crate::format::FLAG_DENSE_TERNARY`]).
+    T5,
     F32,
     F16,
     Bf16,
@@ -366,17 +389,19 @@ impl Encoding {
         match self {
             Encoding::I2 => "i2",
             Encoding::I8 => "i8",
+            Encoding::T5 => "t5",
             Encoding::F32 => "f32",
             Encoding::F16 => "f16",
             Encoding::Bf16 => "bf16",
         }
     }
 
-    /// The ternary layout, for `i2` and `i8`.
+    /// The ternary layout, for `i2`, `i8` and `t5`.
     pub fn ternary(self) -> Option<TernaryLayout> {
         match self {
             Encoding::I2 => Some(TernaryLayout::I2),
             Encoding::I8 => Some(TernaryLayout::I8),
+            Encoding::T5 => Some(TernaryLayout::T5),
             _ => None,
         }
     }
@@ -395,6 +420,7 @@ impl Encoding {
         match l {
             TernaryLayout::I2 => Encoding::I2,
             TernaryLayout::I8 => Encoding::I8,
+            TernaryLayout::T5 => Encoding::T5,
         }
     }
 
@@ -500,6 +526,8 @@ mod tests {
     fn raw_lengths() {
         assert_eq!(Encoding::I2.raw_len(&[3, 130]), Some(3 * 64));
         assert_eq!(Encoding::I8.raw_len(&[3, 130]), Some(390));
+        assert_eq!(Encoding::T5.raw_len(&[3, 130]), Some(3 * 26));
+        assert_eq!(Encoding::T5.raw_len(&[2, 6912]), Some(2 * 1383));
         assert_eq!(Encoding::Bf16.raw_len(&[7]), Some(14));
         assert_eq!(Encoding::I2.raw_len(&[7]), None);
         assert_eq!(Encoding::F32.raw_len(&[u64::MAX, 2]), None);

@@ -40,13 +40,16 @@ pub const MAX_NAME_LEN: usize = 1024;
 /// The major version this build reads and writes (§2.1).
 pub const VERSION_MAJOR: u16 = 1;
 /// The minor version this build writes; it reads any minor of [`VERSION_MAJOR`] (§2.1).
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Preamble flag (§2, 1.1): the quantization scheme needs more than BitNet b1.58 (another
 /// activation rule or eps, per-site rules, online transforms, quantized attention states or a
 /// residual rotation); a reader that does not implement §3.2 of 1.1 must refuse the file.
 pub const FLAG_EXTENDED_QUANT: u32 = 1;
+/// Preamble flag (§2, 1.2): some tensor uses the `t5` encoding (§5.3); a reader that does not
+/// implement it must refuse the file (a 1.0 or 1.1 reader does, as it refuses any bit but 0).
+pub const FLAG_DENSE_TERNARY: u32 = 2;
 /// Every flag this build understands.
-pub const KNOWN_FLAGS: u32 = FLAG_EXTENDED_QUANT;
+pub const KNOWN_FLAGS: u32 = FLAG_EXTENDED_QUANT | FLAG_DENSE_TERNARY;
 /// Byte the header JSON is padded with (§3).
 pub const HEADER_PAD: u8 = b' ';
 
@@ -83,7 +86,8 @@ impl FormatVersion {
 pub struct Preamble {
     pub major: u16,
     pub minor: u16,
-    /// Bit 0: [`FLAG_EXTENDED_QUANT`]; the other bits are reserved and zero.
+    /// Bit 0: [`FLAG_EXTENDED_QUANT`]; bit 1: [`FLAG_DENSE_TERNARY`]; the other bits are
+    /// reserved and zero.
     pub flags: u32,
     pub header_len: u64,
     pub data_offset: u64,

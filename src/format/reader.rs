@@ -37,7 +37,7 @@ pub enum FormatError {
     )]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error(
-        "unknown flags {flags:#010x} at byte 12; this build knows only bit 0 (written by a newer tool?)"
+        "unknown flags {flags:#010x} at byte 12; this build knows only bits 0 and 1 (written by a newer tool?)"
     )]
     UnknownFlags { flags: u32 },
     #[error("header length {header_len} (byte 16) exceeds the limit of {MAX_HEADER_LEN}")]
@@ -70,6 +70,12 @@ pub enum FormatError {
         if *extended { "is" } else { "is not" }
     )]
     FlagMismatch { flagged: bool, extended: bool },
+    #[error(
+        "the preamble's flag for the t5 encoding (bit 1 of byte 12) is {}, but {} tensor uses t5",
+        if *flagged { "set" } else { "clear" },
+        if *uses_t5 { "a" } else { "no" }
+    )]
+    DenseFlagMismatch { flagged: bool, uses_t5: bool },
     #[error("non-zero byte in {region} padding at byte {offset}")]
     NonZeroPadding { region: &'static str, offset: u64 },
     #[error(
@@ -459,6 +465,11 @@ pub(crate) fn check_structure_per_entry(
     let extended = c.header.quantization.is_extended();
     if flagged != extended {
         problems.push(FormatError::FlagMismatch { flagged, extended });
+    }
+    let flagged = c.preamble.flags & super::FLAG_DENSE_TERNARY != 0;
+    let uses_t5 = c.header.uses_dense_ternary();
+    if flagged != uses_t5 {
+        problems.push(FormatError::DenseFlagMismatch { flagged, uses_t5 });
     }
     let file_len = bytes.len() as u64;
     let header_end = PREAMBLE_LEN as u64 + c.preamble.header_len;

@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use super::header::{Compression, Encoding, Header, Provenance, QuantScheme, TensorEntry};
 use super::{
-    ALIGNMENT, FLAG_EXTENDED_QUANT, HEADER_PAD, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble,
-    VERSION_MAJOR, VERSION_MINOR, align_up, data_offset_for,
+    ALIGNMENT, HEADER_PAD, MAX_HEADER_LEN, PREAMBLE_LEN, Preamble, VERSION_MAJOR, VERSION_MINOR,
+    align_up, data_offset_for,
 };
 use crate::fsio::{AtomicFile, FileError, check_output};
 use crate::model::{ModelConfig, Role};
@@ -238,11 +238,7 @@ impl BpkWriter {
         let mut preamble = Preamble {
             major: VERSION_MAJOR,
             minor: VERSION_MINOR,
-            flags: if self.header.quantization.is_extended() {
-                FLAG_EXTENDED_QUANT
-            } else {
-                0
-            },
+            flags: self.header.flags(),
             header_len: self.header_len,
             data_offset: self.data_offset,
             header_sha256: [0; 32],

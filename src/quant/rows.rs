@@ -125,7 +125,7 @@ mod tests {
                 assert_eq!(row_abs_sum_body(dtype, &src, &mut buf), Ok(sum));
 
                 let scale = AbsmeanScale::from_abs_sum(sum, k);
-                for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+                for layout in TernaryLayout::ALL {
                     let expected_trits: Vec<i8> = w
                         .iter()
                         .map(|v| (v * scale.inv_scale).round_ties_even().clamp(-1.0, 1.0) as i8)

@@ -4,12 +4,14 @@
 //! Every optimized kernel has a plain scalar reference beside it; tests compare them on random
 //! inputs of awkward sizes. The AVX2 kernels are chosen at run time when the CPU has AVX2.
 
-use crate::pack::{TernaryLayout, i2};
+use crate::pack::{TernaryLayout, i2, t5};
 
-/// Length an activation buffer must have for rows of `k` weights in `layout` (whole `i2` blocks).
+/// Length an activation buffer must have for rows of `k` weights in `layout` (whole `i2` or
+/// `t5` blocks).
 pub fn padded_len(layout: TernaryLayout, k: usize) -> usize {
     match layout {
         TernaryLayout::I2 => k.div_ceil(i2::BLOCK) * i2::BLOCK,
+        TernaryLayout::T5 => k.div_ceil(t5::BLOCK) * t5::BLOCK,
         TernaryLayout::I8 => k,
     }
 }
@@ -21,6 +23,13 @@ pub fn dot_scalar(layout: TernaryLayout, row: &[u8], q: &[i8], k: usize) -> i32 
             .map(|e| {
                 let (byte, shift) = i2::position(e);
                 let trit = ((row[byte] >> shift) & 3) as i32 - 1;
+                trit * i32::from(q[e])
+            })
+            .sum(),
+        TernaryLayout::T5 => (0..k)
+            .map(|e| {
+                let (byte, j) = t5::position(e, k);
+                let trit = i32::from(t5::digit(row[byte], j)) - 1;
                 trit * i32::from(q[e])
             })
             .sum(),
@@ -41,6 +50,10 @@ pub fn dot_trits_f32(layout: TernaryLayout, row: &[u8], x: &[f32]) -> f32 {
             TernaryLayout::I2 => {
                 let (byte, shift) = i2::position(e);
                 f32::from(((row[byte] >> shift) & 3) as i8 - 1)
+            }
+            TernaryLayout::T5 => {
+                let (byte, j) = t5::position(e, x.len());
+                f32::from(t5::digit(row[byte], j) as i8 - 1)
             }
             TernaryLayout::I8 => f32::from(row[e] as i8),
         }
@@ -106,15 +119,46 @@ pub fn dot_portable(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: 
             }
             acc - q_sum
         }
+        TernaryLayout::T5 => {
+            let full = k / t5::BLOCK;
+            let (whole, tail) = row.split_at(full * t5::BLOCK_BYTES);
+            let mut acc = 0i32;
+            for (block, qb) in whole
+                .chunks_exact(t5::BLOCK_BYTES)
+                .zip(q.chunks_exact(t5::BLOCK))
+            {
+                for (b, &v) in block.iter().enumerate() {
+                    for (j, c) in t5::codes(v).into_iter().enumerate() {
+                        acc += i32::from(c) * i32::from(qb[b + t5::BLOCK_BYTES * j]);
+                    }
+                }
+            }
+            acc + t5_tail(tail, &q[full * t5::BLOCK..]) - q_sum
+        }
         TernaryLayout::I8 => dot_scalar(layout, row, q, k),
     }
+}
+
+/// `sum code * q` over the short last block of a `t5` row (`tail` holds its `n` bytes, `q` the
+/// block's activations padded to 160): every slot, padding included, since padded activations
+/// count in `q_sum` and a padding code is 1. Zero for an empty tail.
+#[inline]
+fn t5_tail(tail: &[u8], q: &[i8]) -> i32 {
+    let n = tail.len();
+    let mut acc = 0i32;
+    for (b, &v) in tail.iter().enumerate() {
+        for (j, c) in t5::codes(v).into_iter().enumerate() {
+            acc += i32::from(c) * i32::from(q[b + n * j]);
+        }
+    }
+    acc
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use crate::pack::{TernaryLayout, i2};
+    use crate::pack::{TernaryLayout, i2, t5};
 
     /// Horizontal sum of eight i32 lanes.
     #[target_feature(enable = "avx2")]
@@ -135,8 +179,87 @@ mod avx2 {
     pub unsafe fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
         match layout {
             TernaryLayout::I2 => dot_i2(row, q, q_sum),
+            TernaryLayout::T5 => dot_t5(row, q, q_sum, k),
             TernaryLayout::I8 => dot_i8(row, q, k),
         }
+    }
+
+    /// The five code vectors of a 32-byte `t5` block: vector `j` holds digit `j` of each byte,
+    /// i.e. the codes of elements `32j..32j+32` of the block, as unsigned bytes 0..=2.
+    ///
+    /// Digit `j` of a stored byte `w` is `floor(3 p / 256)` with `p = w * 3^j mod 256`, which
+    /// is 1 when `p >= 86` and 2 when `p >= 171`. Bytes are compared signed, so the vectors
+    /// carry `s = p ^ 0x80`; that bias survives the multiplication by 3
+    /// (`3 (s + 128) + 128 = 3 s + 512 = 3 s mod 256`), so `s` steps from digit to digit with
+    /// two wrapping byte additions and no 16-bit multiply.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn t5_codes(w: __m256i) -> [__m256i; t5::TRITS_PER_BYTE] {
+        let one_third = _mm256_set1_epi8((85u8 ^ 0x80) as i8); // p > 85: digit >= 1
+        let two_thirds = _mm256_set1_epi8((170u8 ^ 0x80) as i8); // p > 170: digit 2
+        let zero = _mm256_setzero_si256();
+        let mut s = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+        let mut out = [zero; t5::TRITS_PER_BYTE];
+        for o in out.iter_mut() {
+            let ge1 = _mm256_cmpgt_epi8(s, one_third);
+            let ge2 = _mm256_cmpgt_epi8(s, two_thirds);
+            // masks are -1 where true: code = 0 - ge1 - ge2.
+            *o = _mm256_sub_epi8(_mm256_sub_epi8(zero, ge1), ge2);
+            s = _mm256_add_epi8(s, _mm256_add_epi8(s, s));
+            // Left alone, LLVM turns this chain of additions into a byte multiplication by
+            // 3^j from `w` (16-bit multiplies, masks and shifts: five instructions where the
+            // two additions suffice), about 10% slower here. An empty asm block hides the
+            // value from the optimizer.
+            // SAFETY: the block has no instructions; it only claims to modify `s` in place.
+            unsafe {
+                std::arch::asm!("/* {0} */", inout(ymm_reg) s, options(pure, nomem, nostack, preserves_flags));
+            }
+        }
+        out
+    }
+
+    /// Blocks whose 16-bit partial sums [`dot_t5`] adds before widening them: a block adds at
+    /// most 5 digits x 2 pairs x code 2 x 128 = 2,560 to a lane, so 12 blocks stay within an
+    /// i16 (30,720 <= 32,767) whatever the int8 activations.
+    const T5_BLOCKS_PER_WIDENING: usize = 12;
+
+    #[target_feature(enable = "avx2")]
+    fn dot_t5(row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_si256();
+        let full = k / t5::BLOCK;
+        let (whole, tail) = row.split_at(full * t5::BLOCK_BYTES);
+        let group_bytes = T5_BLOCKS_PER_WIDENING * t5::BLOCK_BYTES;
+        for (group, qg) in whole
+            .chunks(group_bytes)
+            .zip(q.chunks(T5_BLOCKS_PER_WIDENING * t5::BLOCK))
+        {
+            let mut acc16 = _mm256_setzero_si256();
+            for (block, qb) in group
+                .chunks_exact(t5::BLOCK_BYTES)
+                .zip(qg.chunks_exact(t5::BLOCK))
+            {
+                // SAFETY: both chunks are exactly 32 and 160 bytes long; unaligned loads.
+                let w = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+                let a = |j: usize| unsafe {
+                    _mm256_loadu_si256(qb.as_ptr().add(j * t5::BLOCK_BYTES).cast())
+                };
+                let [c0, c1, c2, c3, c4] = t5_codes(w);
+                // codes are 0..=2 (unsigned), activations -128..=127: pair sums fit in i16.
+                let p01 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c0, a(0)),
+                    _mm256_maddubs_epi16(c1, a(1)),
+                );
+                let p23 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(c2, a(2)),
+                    _mm256_maddubs_epi16(c3, a(3)),
+                );
+                let p4 = _mm256_maddubs_epi16(c4, a(4));
+                acc16 = _mm256_add_epi16(acc16, _mm256_add_epi16(_mm256_add_epi16(p01, p23), p4));
+            }
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(acc16, ones));
+        }
+        hsum(acc) + super::t5_tail(tail, &q[full * t5::BLOCK..]) - q_sum
     }
 
     #[target_feature(enable = "avx2")]
@@ -265,35 +388,37 @@ mod tests {
     #[test]
     fn optimized_kernels_equal_the_scalar_reference() {
         let mut rng = Lcg(42);
-        for (layout, act) in [
-            (TernaryLayout::I2, A8),
-            (TernaryLayout::I8, A8),
-            (TernaryLayout::I2, A4),
-            (TernaryLayout::I8, A4),
-        ] {
-            for k in [
-                1usize, 2, 31, 32, 33, 127, 128, 129, 255, 256, 300, 640, 1000,
-            ] {
-                let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
-                let mut row = vec![0u8; layout.row_bytes(k)];
-                layout.pack_row(&trits, &mut row);
-                let x: Vec<f32> = (0..k)
-                    .map(|_| rng.next() as f32 / u32::MAX as f32 * 8.0 - 4.0)
-                    .collect();
-                let mut q = vec![0i8; padded_len(layout, k)];
-                act.quantize(&x, &mut q);
-                let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
-                let want: i32 = trits
-                    .iter()
-                    .zip(&q)
-                    .map(|(&t, &a)| i32::from(t) * i32::from(a))
-                    .sum();
-                let what = format!("{layout:?} {} k={k}", act.name());
-                assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
-                assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
-                assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
-                if act == A4 {
-                    assert_eq!(dot_small(layout, &row, &q, q_sum, k), want, "{what}");
+        let random_k: Vec<usize> = (0..6).map(|_| 1 + rng.next() as usize % 3000).collect();
+        for layout in TernaryLayout::ALL {
+            for act in [A8, A4] {
+                for &k in [
+                    1usize, 2, 5, 31, 32, 33, 127, 128, 129, 159, 160, 161, 255, 256, 300, 319,
+                    640, 1000, 2560, 6912,
+                ]
+                .iter()
+                .chain(&random_k)
+                {
+                    let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+                    let mut row = vec![0u8; layout.row_bytes(k)];
+                    layout.pack_row(&trits, &mut row);
+                    let x: Vec<f32> = (0..k)
+                        .map(|_| rng.next() as f32 / u32::MAX as f32 * 8.0 - 4.0)
+                        .collect();
+                    let mut q = vec![0i8; padded_len(layout, k)];
+                    act.quantize(&x, &mut q);
+                    let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                    let want: i32 = trits
+                        .iter()
+                        .zip(&q)
+                        .map(|(&t, &a)| i32::from(t) * i32::from(a))
+                        .sum();
+                    let what = format!("{layout:?} {} k={k}", act.name());
+                    assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
+                    assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
+                    assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
+                    if act == A4 {
+                        assert_eq!(dot_small(layout, &row, &q, q_sum, k), want, "{what}");
+                    }
                 }
             }
         }
@@ -302,8 +427,8 @@ mod tests {
     #[test]
     fn float_activation_dot_equals_the_unpacked_sum() {
         let mut rng = Lcg(7);
-        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
-            for k in [1usize, 31, 128, 129, 300] {
+        for layout in TernaryLayout::ALL {
+            for k in [1usize, 5, 31, 128, 129, 159, 161, 300] {
                 let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
                 let mut row = vec![0u8; layout.row_bytes(k)];
                 layout.pack_row(&trits, &mut row);
@@ -322,7 +447,7 @@ mod tests {
     /// Many blocks of the largest int4 products: the 16-bit partial sums are widened in time.
     #[test]
     fn the_int4_kernel_does_not_overflow_its_16_bit_lanes() {
-        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
+        for layout in TernaryLayout::ALL {
             for k in [128 * SMALL_BLOCKS, 128 * SMALL_BLOCKS + 128, 128 * 600 + 5] {
                 for (t, a) in [(1i8, -8i8), (-1, -8), (1, 7), (-1, 7)] {
                     let mut row = vec![0u8; layout.row_bytes(k)];
@@ -343,17 +468,54 @@ mod tests {
 
     #[test]
     fn extreme_activations_do_not_overflow() {
-        // All activations at +-127 and all weights +-1 maximize every partial sum.
-        for layout in [TernaryLayout::I2, TernaryLayout::I8] {
-            let k = 4096;
-            for (t, a) in [(1i8, 127i8), (-1, 127), (1, -127), (-1, -127)] {
-                let mut row = vec![0u8; layout.row_bytes(k)];
-                layout.pack_row(&vec![t; k], &mut row);
-                let q = vec![a; padded_len(layout, k)];
-                let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
-                let want = i32::from(t) * i32::from(a) * k as i32;
-                assert_eq!(dot(layout, &row, &q, q_sum, k), want);
+        // All activations at +-127 and all weights +-1 maximize every partial sum; k = 4099
+        // and 6912 add a short last block to the whole ones.
+        for layout in TernaryLayout::ALL {
+            for k in [4096, 4099, 6912] {
+                for (t, a) in [(1i8, 127i8), (-1, 127), (1, -127), (-1, -127)] {
+                    let mut row = vec![0u8; layout.row_bytes(k)];
+                    layout.pack_row(&vec![t; k], &mut row);
+                    let mut q = vec![a; padded_len(layout, k)];
+                    q[k..].fill(0);
+                    let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+                    let want = i32::from(t) * i32::from(a) * k as i32;
+                    let what = format!("{layout:?} k={k} t={t} a={a}");
+                    assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
+                    assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
+                    assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
+                }
             }
+        }
+    }
+
+    /// The AVX2 `t5` decoder and the scalar digit extraction agree on every valid byte value
+    /// at every digit position (one row per value, all 32 bytes of each block equal).
+    #[test]
+    fn t5_kernels_decode_every_byte_value() {
+        let k = 2 * t5::BLOCK + 7;
+        for v in 0..t5::VALUES as u8 {
+            let row = {
+                let mut trits = vec![0i8; k];
+                let mut packed = vec![0u8; t5::row_bytes(k)];
+                t5::pack_row(&trits, &mut packed);
+                packed[..2 * t5::BLOCK_BYTES].fill(t5::encode(v));
+                t5::unpack_row(&packed, &mut trits).unwrap();
+                packed
+            };
+            let mut q = vec![0i8; padded_len(TernaryLayout::T5, k)];
+            // Every activation from -128 (which the t5 kernel takes, its codes being unsigned)
+            // to 127, shifted by one for odd `v`.
+            for (i, a) in q[..k].iter_mut().enumerate() {
+                *a = ((i + usize::from(v % 2)) % 256) as u8 as i8;
+            }
+            let q_sum: i32 = q.iter().map(|&a| i32::from(a)).sum();
+            let want = dot_scalar(TernaryLayout::T5, &row, &q, k);
+            assert_eq!(dot(TernaryLayout::T5, &row, &q, q_sum, k), want, "v={v}");
+            assert_eq!(
+                dot_portable(TernaryLayout::T5, &row, &q, q_sum, k),
+                want,
+                "v={v}"
+            );
         }
     }
 }
