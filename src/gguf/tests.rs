@@ -1,7 +1,7 @@
 //! Round trips through the writer and reader, and one hostile file per reader error.
 
 use super::*;
-use crate::pack::tq2_0;
+use crate::pack::{tq, tq2_0};
 use proptest::prelude::*;
 use std::path::Path;
 
@@ -620,4 +620,170 @@ fn file_writer_leaves_nothing_until_persisted() {
         GgufFileWriter::create(&target, false, plan),
         Err(GgufWriteError::File(crate::fsio::FileError::Exists { .. }))
     ));
+}
+
+// ---- Against gguf-py (fixtures/make_gguf_goldens.py, gguf 0.19.0). ----
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    crate::num::digest::hex(&sha2::Sha256::digest(bytes))
+}
+
+/// Our Value as the sidecar writes it ({type, value} or {type, elem_type, values}).
+fn to_json(v: &Value) -> serde_json::Value {
+    use serde_json::json;
+    let ty = v.value_type().id();
+    let scalar = |x: serde_json::Value| json!({"type": ty, "value": x});
+    match v {
+        Value::U8(x) => scalar(json!(x)),
+        Value::I8(x) => scalar(json!(x)),
+        Value::U16(x) => scalar(json!(x)),
+        Value::I16(x) => scalar(json!(x)),
+        Value::U32(x) => scalar(json!(x)),
+        Value::I32(x) => scalar(json!(x)),
+        Value::F32(x) => scalar(json!(f64::from(*x))),
+        Value::Bool(x) => scalar(json!(x)),
+        Value::String(x) => scalar(json!(x)),
+        Value::U64(x) => scalar(json!(x)),
+        Value::I64(x) => scalar(json!(x)),
+        Value::F64(x) => scalar(json!(x)),
+        Value::Array(a) => {
+            let values = match a {
+                Array::I32(v) => json!(v),
+                Array::String(v) => json!(v),
+                Array::F32(v) => json!(v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()),
+                other => panic!("the golden has no {:?} array", other.elem_type()),
+            };
+            json!({"type": ty, "elem_type": a.elem_type().id(), "values": values})
+        }
+    }
+}
+
+/// The dequantized f32 values of a tensor, little-endian, as gguf-py computes them.
+fn dequantized_le(f: &GgufFile, t: &TensorInfo) -> Vec<u8> {
+    let data = f.tensor_data(t);
+    let values: Vec<f32> = match t.ty {
+        GgmlType::F32 => return data.to_vec(),
+        GgmlType::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => {
+            let tern = f.ternary(t).unwrap().unwrap();
+            tern.trits
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| tern.scales[i / tq::BLOCK] * f32::from(x))
+                .collect()
+        }
+    };
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn reads_what_gguf_py_writes_and_writes_it_back_byte_for_byte() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/goldens/gguf/");
+    let bytes = std::fs::read(format!("{dir}small.gguf")).unwrap();
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{dir}small.json")).unwrap()).unwrap();
+    let f = parse(&bytes).unwrap();
+    assert_eq!(
+        u64::from(f.alignment()),
+        side["alignment"].as_u64().unwrap()
+    );
+    let want_kv = side["kv"].as_array().unwrap();
+    assert_eq!(f.kv().len(), want_kv.len());
+    for ((key, value), want) in f.kv().iter().zip(want_kv) {
+        assert_eq!(key, want["key"].as_str().unwrap());
+        let mut want = want.clone();
+        want.as_object_mut().unwrap().remove("key");
+        assert_eq!(to_json(value), want, "key {key}");
+    }
+    let want_t = side["tensors"].as_array().unwrap();
+    assert_eq!(f.tensors().len(), want_t.len());
+    for (t, want) in f.tensors().iter().zip(want_t) {
+        assert_eq!(t.name, want["name"].as_str().unwrap());
+        assert_eq!(serde_json::json!(t.dims), want["dims"]);
+        assert_eq!(u64::from(t.ty.id()), want["type"].as_u64().unwrap());
+        assert_eq!(t.ty.name(), want["type_name"].as_str().unwrap());
+        assert_eq!(t.offset, want["offset"].as_u64().unwrap());
+        assert_eq!(
+            f.data_offset() + t.offset,
+            want["data_offset"].as_u64().unwrap()
+        );
+        assert_eq!(t.size, want["n_bytes"].as_u64().unwrap());
+        assert_eq!(
+            sha256(f.tensor_data(t)),
+            want["data_sha256"].as_str().unwrap()
+        );
+        assert_eq!(
+            sha256(&dequantized_le(&f, t)),
+            want["dequantized_sha256"].as_str().unwrap(),
+            "{}",
+            t.name
+        );
+    }
+    // Our writer, given what we read, reproduces gguf-py's file exactly.
+    let tensors: Vec<(TensorSpec, Vec<u8>)> = f
+        .tensors()
+        .iter()
+        .map(|t| (spec(&t.name, &t.dims, t.ty), f.tensor_data(t).to_vec()))
+        .collect();
+    assert_eq!(write_vec(f.kv(), &tensors), bytes);
+}
+
+/// Writes a GGUF for cross-checking with gguf-py (`fixtures/make_gguf_goldens.py check FILE`)
+/// to the path in `BITNET_PACK_GGUF_OUT`, if set; otherwise to a temporary directory. The
+/// file holds one key of each scalar type, arrays, and F32, F16, TQ1_0 and TQ2_0 tensors.
+#[test]
+fn writes_a_file_for_gguf_py_to_check() {
+    use crate::pack::tq1_0;
+    let trits: Vec<i8> = (0..768).map(|i| ((i * 7 + i / 5) % 3) as i8 - 1).collect();
+    let mut tq1 = vec![0u8; 3 * tq1_0::BLOCK_BYTES];
+    tq1_0::encode_row(&trits, 0.0371, &mut tq1).unwrap();
+    let mut tq2 = vec![0u8; 3 * tq2_0::BLOCK_BYTES];
+    tq2_0::encode_row(&trits, 1.75, &mut tq2).unwrap();
+    let f32s: Vec<u8> = (0..15)
+        .flat_map(|i| (i as f32 * 0.5 - 3.0).to_le_bytes())
+        .collect();
+    let f16s: Vec<u8> = (0..8)
+        .flat_map(|i| half::f16::from_f32(i as f32 / 8.0).to_le_bytes())
+        .collect();
+    let pairs = vec![
+        kv("general.architecture", Value::String("bitnet".into())),
+        kv("general.quantization_version", Value::U32(2)),
+        kv("general.file_type", Value::U32(37)),
+        kv("test.u8", Value::U8(200)),
+        kv("test.i16", Value::I16(-30000)),
+        kv("test.f32", Value::F32(0.1)),
+        kv("test.bool", Value::Bool(true)),
+        kv("test.u64", Value::U64((1 << 40) + 3)),
+        kv("test.f64", Value::F64(1.0 / 3.0)),
+        kv("test.string", Value::String("h\u{e9}llo \u{2713}".into())),
+        kv(
+            "test.arr.str",
+            Value::Array(Array::String(vec!["a".into(), "".into()])),
+        ),
+        kv("test.arr.i32", Value::Array(Array::I32(vec![1, -2, 3]))),
+    ];
+    let tensors = vec![
+        (spec("f32.weight", &[5, 3], GgmlType::F32), f32s),
+        (spec("f16.weight", &[8], GgmlType::F16), f16s),
+        (spec("tq1.weight", &[256, 3], GgmlType::TQ1_0), tq1),
+        (spec("tq2.weight", &[256, 3], GgmlType::TQ2_0), tq2),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let target = std::env::var_os("BITNET_PACK_GGUF_OUT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("rust.gguf"));
+    let plan = GgufPlan::new(&pairs, tensors.iter().map(|t| t.0.clone()).collect()).unwrap();
+    let mut w = GgufFileWriter::create(&target, true, plan).unwrap();
+    for (s, data) in &tensors {
+        w.write_tensor(&s.name, data).unwrap();
+    }
+    w.finish().unwrap().persist().unwrap();
+    let bytes = std::fs::read(&target).unwrap();
+    let f = parse(&bytes).unwrap();
+    assert_eq!(f.kv(), &pairs[..]);
+    assert_eq!(f.ternary(&f.tensors()[2]).unwrap().unwrap().trits, trits);
 }

@@ -110,3 +110,86 @@ pub(crate) fn read_scale(d: [u8; SCALE_BYTES], block: usize) -> Result<f32, TqEr
         Err(TqError::NonFiniteScale { block, scale })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{tq1_0, tq2_0};
+    use super::*;
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    type Encode = fn(&[i8], f32, &mut [u8]) -> Result<(), TqError>;
+    type Decode = fn(&[u8], &mut [i8], &mut [f32]) -> Result<(), TqError>;
+    type Dequantize = fn(&[u8], &mut [f32]) -> Result<(), TqError>;
+
+    /// Our bytes equal gguf-py's `quantize` of `scale * trit`, and our dequantization equals
+    /// gguf-py's `dequantize` bit for bit (fixtures/make_gguf_goldens.py, gguf 0.19.0).
+    #[test]
+    fn bytes_and_values_match_gguf_py() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/goldens/gguf/tq_rows.json"
+        );
+        let golden: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let cases = golden["cases"].as_array().unwrap();
+        assert!(cases.len() >= 8);
+        for case in cases {
+            let name = case["name"].as_str().unwrap();
+            let scale = case["scale"].as_f64().unwrap() as f32;
+            let trits: Vec<i8> = case["trits"]
+                .as_str()
+                .unwrap()
+                .bytes()
+                .map(|c| match c {
+                    b'-' => -1,
+                    b'0' => 0,
+                    _ => 1,
+                })
+                .collect();
+            let codecs: [(&str, usize, Encode, Decode, Dequantize); 2] = [
+                (
+                    "tq1_0",
+                    tq1_0::BLOCK_BYTES,
+                    tq1_0::encode_row,
+                    tq1_0::decode_row,
+                    tq1_0::dequantize_row,
+                ),
+                (
+                    "tq2_0",
+                    tq2_0::BLOCK_BYTES,
+                    tq2_0::encode_row,
+                    tq2_0::decode_row,
+                    tq2_0::dequantize_row,
+                ),
+            ];
+            for (ty, block_bytes, encode, decode, dequantize) in codecs {
+                let want = unhex(case[ty]["bytes_hex"].as_str().unwrap());
+                let mut ours = vec![0u8; trits.len() / BLOCK * block_bytes];
+                encode(&trits, scale, &mut ours).unwrap();
+                assert_eq!(ours, want, "{name} {ty}: bytes differ from gguf-py");
+                let want_deq: Vec<u32> = unhex(case[ty]["dequantized_f32le_hex"].as_str().unwrap())
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                let mut deq = vec![0f32; trits.len()];
+                dequantize(&want, &mut deq).unwrap();
+                let deq: Vec<u32> = deq.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(deq, want_deq, "{name} {ty}: dequantized values differ");
+                let mut back = vec![0i8; trits.len()];
+                let mut scales = vec![0f32; trits.len() / BLOCK];
+                decode(&want, &mut back, &mut scales).unwrap();
+                if scale > 0.0 {
+                    assert_eq!(back, trits, "{name} {ty}");
+                } else {
+                    assert!(back.iter().all(|&t| t == 0), "{name} {ty}");
+                }
+            }
+        }
+    }
+}
