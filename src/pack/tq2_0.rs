@@ -217,5 +217,30 @@ mod tests {
                 prop_assert_eq!(*s, want);
             }
         }
+        /// Any bytes: decoding never panics, accepts every code the encoder writes, and
+        /// what it accepts re-encodes to the same code bytes.
+        #[test]
+        fn accepted_bytes_re_encode_to_themselves(
+            bytes in proptest::collection::vec(any::<u8>(), BLOCK_BYTES..=BLOCK_BYTES),
+            valid in any::<bool>(),
+        ) {
+            let mut trits = [0i8; BLOCK];
+            let mut scales = [0f32; 1];
+            let mut bytes = bytes;
+            if valid {
+                // Replace each code 3 by 2, so every code is one the encoder writes.
+                for b in bytes.iter_mut().take(CODE_BYTES) {
+                    *b &= !((*b >> 1) & *b & 0x55);
+                }
+                bytes[64..].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+            }
+            let ok = decode_row(&bytes, &mut trits, &mut scales).is_ok();
+            prop_assert!(ok || !valid);
+            if ok {
+                let mut again = [0u8; BLOCK_BYTES];
+                encode_row(&trits, 1.0, &mut again).unwrap();
+                prop_assert_eq!(&again[..CODE_BYTES], &bytes[..CODE_BYTES]);
+            }
+        }
     }
 }
