@@ -467,7 +467,6 @@ pub struct Ternary {
 }
 
 /// A parsed GGUF file: metadata, tensor table, and the bytes it was parsed from.
-#[derive(Debug)]
 pub struct GgufFile<'a> {
     version: GgufVersion,
     kv: Vec<(String, Value)>,
@@ -476,6 +475,20 @@ pub struct GgufFile<'a> {
     alignment: u32,
     data_offset: u64,
     bytes: &'a [u8],
+}
+
+impl std::fmt::Debug for GgufFile<'_> {
+    /// Everything but the bytes (a memory map may be gigabytes).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("version", &self.version)
+            .field("kv", &self.kv)
+            .field("tensors", &self.tensors)
+            .field("alignment", &self.alignment)
+            .field("data_offset", &self.data_offset)
+            .field("file_len", &self.bytes.len())
+            .finish()
+    }
 }
 
 impl<'a> GgufFile<'a> {
