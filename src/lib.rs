@@ -12,6 +12,7 @@ pub mod convert;
 pub mod export;
 pub mod format;
 pub mod fsio;
+pub mod gguf;
 pub mod model;
 pub mod num;
 pub mod pack;

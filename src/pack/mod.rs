@@ -4,7 +4,11 @@
 //! that want no unpacking). Spec: formats/bpk.md §5.
 
 pub mod i2;
+pub mod i2_s;
 pub mod t5;
+pub mod tq;
+pub mod tq1_0;
+pub mod tq2_0;
 
 use serde::{Deserialize, Serialize};
 
