@@ -10,12 +10,13 @@ use std::path::Path;
 
 use super::parity::DEFAULT_RANDOM_TOKENS;
 use super::{
-    ConvertArgs, EXIT_CHECK_FAILED, KeepArg, LayoutArg, LinearClassArg, ToArg, human_bytes, say,
-    with_threads,
+    ConvertArgs, EXIT_CHECK_FAILED, GgufTypeArg, KeepArg, LayoutArg, LinearClassArg, ToArg,
+    human_bytes, say, with_threads,
 };
 use crate::compare::parity::{parity, random_tokens};
 use crate::convert::scheme::{SchemeOptions, parse_sites};
 use crate::convert::{ConvertError, ConvertOptions, convert_export, convert_verified};
+use crate::export::gguf::{GgufSummary, GgufTernary, export_gguf};
 use crate::export::hf::export_hf;
 use crate::format::{BpkFile, Storage};
 use crate::num::FloatDtype;
@@ -100,7 +101,25 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             ))
         }
     };
-    let to = a.to.unwrap_or(ToArg::Bpk);
+    let to = a.to.unwrap_or(
+        if a.gguf_type.is_some() || a.output.extension().is_some_and(|x| x == "gguf") {
+            ToArg::Gguf
+        } else {
+            ToArg::Bpk
+        },
+    );
+    if a.gguf_type.is_some() && to != ToArg::Gguf {
+        anyhow::bail!(
+            "--gguf-type applies to GGUF output only (--to gguf, or an output named *.gguf)"
+        );
+    }
+    let gguf_type = match a.gguf_type {
+        None | Some(GgufTypeArg::Tq2_0) => GgufTernary::Tq2_0,
+        Some(GgufTypeArg::Tq1_0) => GgufTernary::Tq1_0,
+        Some(GgufTypeArg::I2S) => GgufTernary::I2S,
+    };
+    let gguf_embed = opts.keep.unwrap_or(FloatDtype::F16);
+    let gguf_notes = std::sync::Mutex::new(Vec::<String>::new());
     let class = match a.linear_class {
         LinearClassArg::Autobitlinear => LinearClass::AutoBitLinear,
         LinearClassArg::Bitlinear => LinearClass::BitLinear,
@@ -108,11 +127,34 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     let src_is_bpk = a.src.is_file() && a.src.extension().is_some_and(|x| x == "bpk");
     if src_is_bpk {
         bar.finish_and_clear();
-        return export_bpk(&a, to, class);
+        return export_bpk(&a, to, class, gguf_type, gguf_embed);
     }
+    let export_gguf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
+        let file = Storage::map(tmp)
+            .and_then(|storage| BpkFile::from_storage(&a.src, storage))
+            .map_err(|e| ConvertError::Output {
+                error: e.to_string(),
+            })?;
+        let s = export_gguf(
+            &file,
+            &a.output,
+            a.force,
+            gguf_type,
+            gguf_embed,
+            Some(&ckpt.dir),
+        )
+        .map_err(|e| ConvertError::Output {
+            error: e.to_string(),
+        })?;
+        gguf_notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(gguf_summary_lines(&a.output, &s, gguf_type));
+        Ok(())
+    };
     let export_hf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
         let file = Storage::map(tmp)
-            .and_then(|storage| BpkFile::from_storage(&a.output, storage))
+            .and_then(|storage| BpkFile::from_storage(&a.src, storage))
             .map_err(|e| ConvertError::Output {
                 error: e.to_string(),
             })?;
@@ -123,28 +165,30 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     };
     let result = with_threads(a.threads, || match to {
         ToArg::Bpk => convert_verified(&a.src, &a.output, &opts, &|n| bar.inc(n), &verify),
+        ToArg::Gguf => {
+            crate::fsio::check_output(&a.output, a.force, &[])?;
+            if let Some(flag) = extended_flag(&a) {
+                return Err(ConvertError::Output {
+                    error: format!(
+                        "{flag} cannot be combined with GGUF output: llama.cpp and bitnet.cpp run BitNet b1.58 only (int8 activations, no online transforms, float attention); write a .bpk instead"
+                    ),
+                });
+            }
+            convert_export(
+                &a.src,
+                &a.output,
+                &opts,
+                &|n| bar.inc(n),
+                &verify,
+                &export_gguf_from,
+            )
+        }
         ToArg::Hf => {
             // Fail before the work if the target directory cannot be made, or if options
             // ask for what transformers' BitNet layers cannot compute (checked again on the
             // file, which also catches a scheme config.json declares).
             crate::fsio::check_new_dir(&a.output)?;
-            if let Some(flag) = [
-                (
-                    a.activations.as_deref().is_some_and(|s| s != "a8"),
-                    "--activations",
-                ),
-                (
-                    a.online_hadamard.as_deref().is_some_and(|s| s != "none"),
-                    "--online-hadamard",
-                ),
-                (a.kv_bits.is_some(), "--kv-bits"),
-                (a.q_bits.is_some(), "--q-bits"),
-                (a.rotate.is_some(), "--rotate"),
-            ]
-            .iter()
-            .find(|(set, _)| *set)
-            .map(|(_, f)| f)
-            {
+            if let Some(flag) = extended_flag(&a) {
                 return Err(ConvertError::Output {
                     error: format!(
                         "{flag} cannot be combined with --to hf: transformers' BitNet layers run BitNet b1.58 only (int8 per-token activations, no online transforms, float attention); write a .bpk instead"
@@ -180,7 +224,11 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         let params: u64 = ternary.iter().filter_map(|t| t.numel()).sum();
         let bytes: u64 = ternary.iter().map(|t| t.length).sum();
         let secs = start.elapsed().as_secs_f64();
-        if to == ToArg::Hf {
+        if to == ToArg::Gguf {
+            for line in gguf_notes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                say(line);
+            }
+        } else if to == ToArg::Hf {
             say(&format!(
                 "wrote {}: HF packed checkpoint ({}, linear_class {}, weight_scale = {}) with {} ternary weights, from the .bpk made on the way, in {:.2} s",
                 a.output.display(),
@@ -243,15 +291,72 @@ fn dir_tensor_bytes_hint(src: &std::path::Path) -> Option<u64> {
     Some(total)
 }
 
+/// The first option that asks for more than BitNet b1.58, which HF and GGUF runtimes lack.
+fn extended_flag(a: &ConvertArgs) -> Option<&'static str> {
+    [
+        (
+            a.activations.as_deref().is_some_and(|s| s != "a8"),
+            "--activations",
+        ),
+        (
+            a.online_hadamard.as_deref().is_some_and(|s| s != "none"),
+            "--online-hadamard",
+        ),
+        (a.kv_bits.is_some(), "--kv-bits"),
+        (a.q_bits.is_some(), "--q-bits"),
+        (a.rotate.is_some(), "--rotate"),
+    ]
+    .into_iter()
+    .find(|(set, _)| *set)
+    .map(|(_, f)| f)
+}
+
+/// What to tell the user about a GGUF written.
+fn gguf_summary_lines(out: &Path, s: &GgufSummary, ty: GgufTernary) -> Vec<String> {
+    let mut lines = vec![format!(
+        "wrote {}: GGUF v3, architecture {}, {} tensors, projections {} ({})",
+        out.display(),
+        s.architecture,
+        s.tensors,
+        ty.as_str().to_uppercase(),
+        human_bytes(s.file_len),
+    )];
+    if !s.vocabulary {
+        lines.push("note: no tokenizer.json to carry over: the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab), so runtimes take token ids only".into());
+    }
+    lines.extend(s.notes.iter().map(|n| format!("note: {n}")));
+    if ty == GgufTernary::I2S {
+        lines.push("note: I2_S (type 36) is bitnet.cpp's x86 layout; upstream llama.cpp does not load it, and bitnet.cpp's ARM build expects another layout".into());
+    }
+    lines
+}
+
 /// `convert FILE.bpk --to ...`: an export of an existing .bpk (no conversion).
-fn export_bpk(a: &ConvertArgs, to: ToArg, class: LinearClass) -> anyhow::Result<ExitCode> {
+fn export_bpk(
+    a: &ConvertArgs,
+    to: ToArg,
+    class: LinearClass,
+    gguf_type: GgufTernary,
+    gguf_embed: FloatDtype,
+) -> anyhow::Result<ExitCode> {
     let file =
         BpkFile::open(&a.src).with_context(|| format!("could not read {}", a.src.display()))?;
     match to {
         ToArg::Bpk => anyhow::bail!(
-            "{} is already a .bpk file; name an output format with --to hf",
+            "{} is already a .bpk file; name an output format with --to hf or --to gguf",
             a.src.display()
         ),
+        ToArg::Gguf => {
+            // A tokenizer.json beside the .bpk is carried over, if there is one.
+            let dir = crate::fsio::parent_dir(&a.src);
+            let s = export_gguf(&file, &a.output, a.force, gguf_type, gguf_embed, Some(&dir))
+                .with_context(|| format!("could not export {}", a.src.display()))?;
+            if !a.quiet {
+                for line in gguf_summary_lines(&a.output, &s, gguf_type) {
+                    say(&line);
+                }
+            }
+        }
         ToArg::Hf => {
             let s = export_hf(&file, &a.output, class, None)
                 .with_context(|| format!("could not export {}", a.src.display()))?;

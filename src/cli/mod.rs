@@ -189,6 +189,22 @@ pub enum ToArg {
     Bpk,
     /// An HF packed BitNet checkpoint directory (transformers, offline quantization).
     Hf,
+    /// A GGUF file for llama.cpp (TQ1_0, TQ2_0) or bitnet.cpp (I2_S); see --gguf-type.
+    Gguf,
+}
+
+/// Ternary type of a GGUF output.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum GgufTypeArg {
+    /// llama.cpp's TQ2_0: 2.06 bits per weight, rows a multiple of 256.
+    #[value(name = "tq2_0")]
+    Tq2_0,
+    /// llama.cpp's TQ1_0: 1.69 bits per weight, rows a multiple of 256.
+    #[value(name = "tq1_0")]
+    Tq1_0,
+    /// bitnet.cpp's x86 I2_S: 2 bits per weight, rows a multiple of 128 (not loaded by upstream llama.cpp).
+    #[value(name = "i2_s")]
+    I2S,
 }
 
 /// transformers' BitNet linear class of an HF export (its `weight_scale` convention).
@@ -208,9 +224,13 @@ pub struct ConvertArgs {
     /// Output: a .bpk file, or a new directory with --to hf.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Output format (default: bpk).
+    /// Output format (default: gguf for an output named *.gguf or with --gguf-type, else bpk).
     #[arg(long, value_enum)]
     pub to: Option<ToArg>,
+    /// Ternary type of a GGUF output (default tq2_0). Embeddings are written f16 unless --keep
+    /// says otherwise, norms f32.
+    #[arg(long, value_enum)]
+    pub gguf_type: Option<GgufTypeArg>,
     /// The weight_scale convention of --to hf.
     #[arg(long, value_enum, default_value = "autobitlinear")]
     pub linear_class: LinearClassArg,

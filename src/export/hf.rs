@@ -70,31 +70,9 @@ pub fn export_hf(
     let h = &file.header;
     let path = file.path.clone();
     if h.quantization.is_extended() {
-        let q = &h.quantization;
-        let mut what = Vec::new();
-        if let Ok(a) = q.activations.quantizer()
-            && a.name() != "a8"
-        {
-            what.push(format!("activations {}", a.name()));
-        }
-        if !q.activation_sites.is_empty() {
-            what.push("per-site activation schemes".into());
-        }
-        if !q.online_rotations.is_empty() {
-            what.push("online Hadamard transforms".into());
-        }
-        if q.attention.is_some() {
-            what.push("quantized attention states".into());
-        }
-        if q.residual_rotation.is_some() {
-            what.push("a residual rotation".into());
-        }
-        if what.is_empty() {
-            what.push("a non-standard activation quantizer".into());
-        }
         return Err(HfExportError::Scheme {
             path,
-            what: what.join(", "),
+            what: extended_parts(&h.quantization),
         }
         .into());
     }
@@ -205,6 +183,32 @@ pub fn export_hf(
         tensors: planned.len(),
         copied,
     })
+}
+
+/// What a scheme has beyond BitNet b1.58, in words.
+pub fn extended_parts(q: &crate::format::header::QuantScheme) -> String {
+    let mut what = Vec::new();
+    if let Ok(a) = q.activations.quantizer()
+        && a.name() != "a8"
+    {
+        what.push(format!("activations {}", a.name()));
+    }
+    if !q.activation_sites.is_empty() {
+        what.push("per-site activation schemes".into());
+    }
+    if !q.online_rotations.is_empty() {
+        what.push("online Hadamard transforms".into());
+    }
+    if q.attention.is_some() {
+        what.push("quantized attention states".into());
+    }
+    if q.residual_rotation.is_some() {
+        what.push("a residual rotation".into());
+    }
+    if what.is_empty() {
+        what.push("a non-standard activation quantizer".into());
+    }
+    what.join(", ")
 }
 
 /// The config.json: the source's own when there is one (every key transformers knows stays),

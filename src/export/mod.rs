@@ -2,6 +2,7 @@
 //! for round trips and for tools that only read floats. The file is validated first, so that a
 //! damaged file is refused rather than exported as garbage.
 
+pub mod gguf;
 pub mod hf;
 pub mod safetensors;
 
@@ -27,6 +28,8 @@ pub enum UnpackError {
     Write(#[from] StWriteError),
     #[error(transparent)]
     Hf(#[from] hf::HfExportError),
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufExportError),
     #[error("could not encode the output: {0}")]
     Encode(#[from] std::io::Error),
 }

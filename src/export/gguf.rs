@@ -1,0 +1,573 @@
+//! Export a .bpk file as a GGUF v3 file for llama.cpp (TQ1_0, TQ2_0) or bitnet.cpp (I2_S).
+//! Spec of what is written: formats/gguf.md §6.
+//!
+//! Which architecture the file claims decides which graph a runtime builds, so it is chosen to
+//! be truthful, never merely loadable:
+//! - 1bitLLM's SiLU-gated `BitnetForCausalLM` is upstream llama.cpp's `bitnet` architecture
+//!   (same sub-norms, NEOX RoPE, tied head);
+//! - BitNet b1.58 2B4T (`BitNetForCausalLM`, ReLU²) is written as `bitnet-b1.58`, the name
+//!   bitnet.cpp and ik_llama.cpp give it. Upstream llama.cpp does not know that name and refuses
+//!   the file; its `bitnet` graph hard-codes SiLU, which would run this model wrong;
+//! - `LlamaForCausalLM` is `llama`, with q/k rows permuted for llama.cpp's interleaved RoPE as
+//!   its own converter does.
+//!
+//! Norms are F32, the embedding (and an untied head) F16 by default; projections in the chosen
+//! ternary type, whose block must divide every row (no silent fallback to another type).
+
+use std::path::{Path, PathBuf};
+
+use super::{UnpackError, check_valid};
+use crate::format::BpkFile;
+use crate::format::header::TensorEntry;
+use crate::fsio;
+use crate::gguf::{Array, GgmlType, Value};
+use crate::gguf::{GgufFileWriter, GgufPlan, TensorSpec};
+use crate::model::{Family, ModelConfig, Role};
+use crate::num::FloatDtype;
+use crate::num::dtype::{decode_f32, encode_f32};
+use crate::pack::{i2_s, tq1_0, tq2_0};
+
+/// The ternary GGUF types we write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufTernary {
+    /// llama.cpp's 2.0625 bits per weight, 256-weight blocks with an f16 scale each.
+    Tq2_0,
+    /// llama.cpp's 1.6875 bits per weight (base-3), 256-weight blocks.
+    Tq1_0,
+    /// bitnet.cpp's x86 layout: 2 bits per weight in 128-weight blocks, one f32 scale per tensor.
+    I2S,
+}
+
+impl GgufTernary {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            GgufTernary::Tq2_0 => GgmlType::TQ2_0,
+            GgufTernary::Tq1_0 => GgmlType::TQ1_0,
+            GgufTernary::I2S => GgmlType::I2_S,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GgufTernary::Tq2_0 => "tq2_0",
+            GgufTernary::Tq1_0 => "tq1_0",
+            GgufTernary::I2S => "i2_s",
+        }
+    }
+
+    /// `general.file_type` (llama_ftype): upstream's MOSTLY_TQ1_0 = 36, MOSTLY_TQ2_0 = 37;
+    /// bitnet.cpp writes 40 for I2_S (which upstream later gave to another type).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufTernary::Tq1_0 => 36,
+            GgufTernary::Tq2_0 => 37,
+            GgufTernary::I2S => 40,
+        }
+    }
+}
+
+/// A .bpk that cannot be written as GGUF truthfully.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufExportError {
+    #[error(
+        "{path}: its quantization scheme goes beyond BitNet b1.58 ({what}); llama.cpp and bitnet.cpp run BitNet b1.58 only, so a GGUF would compute something else: keep the .bpk, or convert without these options"
+    )]
+    Scheme { path: PathBuf, what: String },
+    #[error(
+        "{path}: tensor `{tensor}` has rows of {k} weights, not a multiple of {block} ({ty}'s block); {options}"
+    )]
+    Block {
+        path: PathBuf,
+        tensor: String,
+        k: u64,
+        block: u64,
+        ty: &'static str,
+        options: String,
+    },
+    #[error("{path}: {reason}")]
+    Architecture { path: PathBuf, reason: String },
+    #[error(
+        "{path}: tensor `{tensor}` has the value {value} at index {index}, beyond the range of f16; write it as f32 (--keep f32)"
+    )]
+    Overflow {
+        path: PathBuf,
+        tensor: String,
+        index: usize,
+        value: f32,
+    },
+    #[error("{0}")]
+    Write(#[from] crate::gguf::GgufWriteError),
+}
+
+/// What was written, for the summary line and the docs.
+#[derive(Debug, Clone)]
+pub struct GgufSummary {
+    pub architecture: String,
+    pub tensors: usize,
+    pub file_len: u64,
+    /// Whether a vocabulary from tokenizer.json was embedded (else `no_vocab`).
+    pub vocabulary: bool,
+    /// Things the user must know about how runtimes will treat the file.
+    pub notes: Vec<String>,
+}
+
+/// The GGUF architecture and tensor naming of a model family.
+struct Arch {
+    name: &'static str,
+    /// Permute q/k rows for llama.cpp's interleaved (NORM) RoPE.
+    permute_qk: bool,
+    activation: &'static str,
+}
+
+fn arch_of(m: &ModelConfig, path: &Path) -> Result<(Arch, Vec<String>), GgufExportError> {
+    let mut notes = Vec::new();
+    let arch = match m.family {
+        Family::Bitnet1bitllm => Arch {
+            name: "bitnet",
+            permute_qk: false,
+            activation: "silu",
+        },
+        Family::Bitnet2b4t => {
+            notes.push("architecture `bitnet-b1.58` (ReLU² FFN, as bitnet.cpp and ik_llama.cpp name BitNet b1.58 2B4T): upstream llama.cpp refuses it as an unknown architecture. That is deliberate: upstream's `bitnet` graph hard-codes SiLU, which would run this ReLU² model wrong (perplexity about 6x worse, microsoft/BitNet#588).".to_string());
+            Arch {
+                name: "bitnet-b1.58",
+                permute_qk: false,
+                activation: "relu2",
+            }
+        }
+        Family::Llama => Arch {
+            name: "llama",
+            permute_qk: true,
+            activation: "silu",
+        },
+    };
+    if arch.name != "llama" {
+        if !m.tie_word_embeddings {
+            return Err(GgufExportError::Architecture {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "architecture `{}` uses the embedding as the output head, but this model's lm_head is a separate tensor; a GGUF would drop it",
+                    arch.name
+                ),
+            });
+        }
+        if m.num_heads * m.head_dim != m.hidden_size {
+            return Err(GgufExportError::Architecture {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "architecture `{}` needs heads x head_dim = hidden size, but {} x {} != {}",
+                    arch.name, m.num_heads, m.head_dim, m.hidden_size
+                ),
+            });
+        }
+    }
+    Ok((arch, notes))
+}
+
+/// The GGUF name of a .bpk tensor.
+fn gguf_name(e: &TensorEntry) -> String {
+    let blk = |s: &str| format!("blk.{}.{s}.weight", e.layer.unwrap_or(0));
+    match e.role {
+        Role::Embedding => "token_embd.weight".into(),
+        Role::FinalNorm => "output_norm.weight".into(),
+        Role::LmHead => "output.weight".into(),
+        Role::AttnNorm => blk("attn_norm"),
+        Role::QProj => blk("attn_q"),
+        Role::KProj => blk("attn_k"),
+        Role::VProj => blk("attn_v"),
+        Role::AttnSubNorm => blk("attn_sub_norm"),
+        Role::OProj => blk("attn_output"),
+        Role::FfnNorm => blk("ffn_norm"),
+        Role::GateProj => blk("ffn_gate"),
+        Role::UpProj => blk("ffn_up"),
+        Role::FfnSubNorm => blk("ffn_sub_norm"),
+        Role::DownProj => blk("ffn_down"),
+    }
+}
+
+/// The GGUF type of a tensor: the ternary type for projections, F32 for 1-D tensors, `embed`
+/// for the embedding and head.
+fn gguf_type(e: &TensorEntry, ty: GgufTernary, embed: FloatDtype) -> GgmlType {
+    if e.encoding.ternary().is_some() {
+        ty.ggml()
+    } else if e.shape.len() == 1 {
+        GgmlType::F32
+    } else {
+        match embed {
+            FloatDtype::F32 => GgmlType::F32,
+            FloatDtype::F16 => GgmlType::F16,
+            FloatDtype::Bf16 => GgmlType::BF16,
+        }
+    }
+}
+
+/// llama.cpp's q/k row order for interleaved RoPE: within each head, row `i * half + j` of the
+/// HF (rotate-half) layout goes to row `2 * j + i`.
+fn permuted_row(row: usize, head_dim: usize) -> usize {
+    let (h, r) = (row / head_dim, row % head_dim);
+    let half = head_dim / 2;
+    let (i, j) = (r / half, r % half);
+    h * head_dim + 2 * j + i
+}
+
+/// Writes `file` as GGUF at `out`.
+pub fn export_gguf(
+    file: &BpkFile,
+    out: &Path,
+    force: bool,
+    ty: GgufTernary,
+    embed: FloatDtype,
+    tokenizer_dir: Option<&Path>,
+) -> Result<GgufSummary, UnpackError> {
+    check_valid(file)?;
+    let h = &file.header;
+    let path = file.path.clone();
+    if h.quantization.is_extended() {
+        return Err(GgufExportError::Scheme {
+            path,
+            what: super::hf::extended_parts(&h.quantization),
+        }
+        .into());
+    }
+    let (arch, mut notes) = arch_of(&h.model, &path)?;
+    let block = ty.ggml().block_size();
+    for e in h.tensors.iter().filter(|e| e.encoding.ternary().is_some()) {
+        let k = e.shape[1];
+        if k % block != 0 {
+            let fits: Vec<&str> = [GgufTernary::Tq2_0, GgufTernary::Tq1_0, GgufTernary::I2S]
+                .into_iter()
+                .filter(|t| {
+                    h.tensors
+                        .iter()
+                        .filter(|e| e.encoding.ternary().is_some())
+                        .all(|e| e.shape[1] % t.ggml().block_size() == 0)
+                })
+                .map(|t| t.as_str())
+                .collect();
+            let options = if fits.is_empty() {
+                "no ternary GGUF type fits this model (TQ1_0/TQ2_0 need rows that are multiples of 256 weights, I2_S of 128); keep the .bpk".to_string()
+            } else {
+                format!(
+                    "--gguf-type {} fits every row of this model",
+                    fits.join(" or ")
+                )
+            };
+            return Err(GgufExportError::Block {
+                path,
+                tensor: e.name.clone(),
+                k,
+                block,
+                ty: ty.as_str(),
+                options,
+            }
+            .into());
+        }
+    }
+    fsio::check_output(out, force, std::slice::from_ref(&file.path))?;
+
+    let m = &h.model;
+    let a = arch.name;
+    let key = |s: &str| format!("{a}.{s}");
+    let mut kv: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
+        ("general.name".into(), Value::String(m.architecture.clone())),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
+        ("general.quantization_version".into(), Value::U32(2)),
+        (
+            "general.alignment".into(),
+            Value::U32(crate::gguf::DEFAULT_ALIGNMENT),
+        ),
+        (key("block_count"), Value::U32(m.num_layers as u32)),
+        (
+            key("context_length"),
+            Value::U32(m.max_position_embeddings as u32),
+        ),
+        (key("embedding_length"), Value::U32(m.hidden_size as u32)),
+        (
+            key("feed_forward_length"),
+            Value::U32(m.intermediate_size as u32),
+        ),
+        (key("attention.head_count"), Value::U32(m.num_heads as u32)),
+        (
+            key("attention.head_count_kv"),
+            Value::U32(m.num_kv_heads as u32),
+        ),
+        (key("attention.key_length"), Value::U32(m.head_dim as u32)),
+        (key("attention.value_length"), Value::U32(m.head_dim as u32)),
+        (key("rope.dimension_count"), Value::U32(m.head_dim as u32)),
+        (key("rope.freq_base"), Value::F32(m.rope_theta as f32)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(m.rms_norm_eps as f32),
+        ),
+        (key("vocab_size"), Value::U32(m.vocab_size as u32)),
+        // Not read by upstream llama.cpp (its graphs fix the activation per architecture);
+        // written so that the file says what the model computes.
+        (
+            key("hidden_activation"),
+            Value::String(arch.activation.into()),
+        ),
+        (
+            "bitnet_pack.version".into(),
+            Value::String(env!("CARGO_PKG_VERSION").into()),
+        ),
+    ];
+    let vocabulary = match tokenizer_dir.map(|d| d.join("tokenizer.json")) {
+        Some(p) if fsio::stat(&p)?.is_some() => {
+            let bytes = fsio::read_capped(&p, crate::source::MAX_JSON_FILE, "tokenizer.json")?;
+            match vocab_kv(&bytes, m) {
+                Ok(v) => {
+                    kv.extend(v);
+                    true
+                }
+                Err(why) => {
+                    notes.push(format!("{}: {why}; the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab): runtimes take token ids only", p.display()));
+                    false
+                }
+            }
+        }
+        _ => false,
+    };
+    if !vocabulary {
+        kv.push((
+            "tokenizer.ggml.model".into(),
+            Value::String("no_vocab".into()),
+        ));
+    }
+
+    let specs: Vec<TensorSpec> = h
+        .tensors
+        .iter()
+        .map(|e| TensorSpec {
+            name: gguf_name(e),
+            dims: e.shape.iter().rev().copied().collect(),
+            ty: gguf_type(e, ty, embed),
+        })
+        .collect();
+    let plan = GgufPlan::new(&kv, specs).map_err(GgufExportError::from)?;
+    let file_len = plan.file_len();
+    let mut w = GgufFileWriter::create(out, force, plan).map_err(GgufExportError::from)?;
+    for e in &h.tensors {
+        let bytes = tensor_bytes(file, e, ty, embed, &arch, m, &path)?;
+        w.write_tensor(&gguf_name(e), &bytes)
+            .map_err(GgufExportError::from)?;
+    }
+    w.finish()
+        .and_then(|f| f.persist())
+        .map_err(GgufExportError::from)?;
+    Ok(GgufSummary {
+        architecture: a.to_string(),
+        tensors: h.tensors.len(),
+        file_len,
+        vocabulary,
+        notes,
+    })
+}
+
+/// The GGUF bytes of one tensor.
+fn tensor_bytes(
+    file: &BpkFile,
+    e: &TensorEntry,
+    ty: GgufTernary,
+    embed: FloatDtype,
+    arch: &Arch,
+    m: &ModelConfig,
+    path: &Path,
+) -> Result<Vec<u8>, UnpackError> {
+    let raw = file.raw(e).map_err(std::io::Error::other)?;
+    if let Some(layout) = e.encoding.ternary() {
+        let (rows, k) = (e.shape[0] as usize, e.shape[1] as usize);
+        let rb = layout.row_bytes(k);
+        let mut trits = vec![0i8; rows * k];
+        let permute = arch.permute_qk && matches!(e.role, Role::QProj | Role::KProj);
+        for (r, row) in raw.chunks_exact(rb).enumerate() {
+            let to = if permute {
+                permuted_row(r, m.head_dim)
+            } else {
+                r
+            };
+            layout
+                .unpack_row(row, &mut trits[to * k..(to + 1) * k])
+                .map_err(std::io::Error::other)?;
+        }
+        let scale = e.scale_f32().unwrap_or(0.0);
+        let other = |e: String| -> UnpackError { std::io::Error::other(e).into() };
+        return match ty {
+            GgufTernary::Tq2_0 | GgufTernary::Tq1_0 => {
+                let (row_bytes, encode): (usize, fn(&[i8], f32, &mut [u8]) -> _) =
+                    if ty == GgufTernary::Tq2_0 {
+                        (
+                            tq2_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
+                            tq2_0::encode_row,
+                        )
+                    } else {
+                        (
+                            tq1_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
+                            tq1_0::encode_row,
+                        )
+                    };
+                let mut out = vec![0u8; rows * row_bytes];
+                for (src, dst) in trits.chunks_exact(k).zip(out.chunks_exact_mut(row_bytes)) {
+                    encode(src, scale, dst).map_err(|e| other(e.to_string()))?;
+                }
+                Ok(out)
+            }
+            GgufTernary::I2S => {
+                let n = i2_s::tensor_bytes(rows, k).map_err(|e| other(e.to_string()))?;
+                let mut out = vec![0u8; n];
+                i2_s::encode_tensor(&trits, k, scale, &mut out)
+                    .map_err(|e| other(e.to_string()))?;
+                Ok(out)
+            }
+        };
+    }
+    let src = e.encoding.float().unwrap_or(FloatDtype::F32);
+    let n = raw.len() / src.size();
+    let mut v = vec![0f32; n];
+    decode_f32(src, &raw, &mut v);
+    let target = match gguf_type(e, ty, embed) {
+        GgmlType::F16 => FloatDtype::F16,
+        GgmlType::BF16 => FloatDtype::Bf16,
+        _ => FloatDtype::F32,
+    };
+    let mut out = Vec::with_capacity(n * target.size());
+    encode_f32(target, &v, &mut out);
+    if target == FloatDtype::F16 {
+        let mut back = vec![0f32; n];
+        decode_f32(FloatDtype::F16, &out, &mut back);
+        if let Some(i) = back.iter().position(|x| !x.is_finite()) {
+            return Err(GgufExportError::Overflow {
+                path: path.to_path_buf(),
+                tensor: e.name.clone(),
+                index: i,
+                value: v[i],
+            }
+            .into());
+        }
+    }
+    Ok(out)
+}
+
+/// The vocabulary keys of a byte-level BPE tokenizer.json (`gpt2` in GGUF terms), or why it
+/// cannot be carried.
+fn vocab_kv(bytes: &[u8], m: &ModelConfig) -> Result<Vec<(String, Value)>, String> {
+    let t: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let model = &t["model"];
+    if model["type"] != "BPE" {
+        return Err(format!("tokenizer model {} is not BPE", model["type"]));
+    }
+    let pre = pre_tokenizer_name(&t["pre_tokenizer"])?;
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or("model.vocab is not a map")?;
+    let mut tokens = vec![String::new(); m.vocab_size];
+    let mut types = vec![0i32; m.vocab_size];
+    let mut put = |text: &str, id: u64, ty: i32| -> Result<(), String> {
+        let slot = tokens
+            .get_mut(id as usize)
+            .ok_or_else(|| format!("token id {id} is beyond the vocabulary of {}", m.vocab_size))?;
+        *slot = text.to_string();
+        types[id as usize] = ty;
+        Ok(())
+    };
+    for (text, id) in vocab {
+        put(text, id.as_u64().ok_or("a vocab id is not an integer")?, 1)?;
+    }
+    for a in t["added_tokens"].as_array().into_iter().flatten() {
+        let id = a["id"].as_u64().ok_or("an added token has no id")?;
+        let text = a["content"]
+            .as_str()
+            .ok_or("an added token has no content")?;
+        // 3 = control (special), 4 = user-defined (llama_token_type).
+        put(text, id, if a["special"] == true { 3 } else { 4 })?;
+    }
+    for (i, (tok, ty)) in tokens.iter_mut().zip(types.iter_mut()).enumerate() {
+        if *ty == 0 {
+            // Ids the tokenizer never produces (padding rows of the embedding).
+            *tok = format!("[PAD{i}]");
+            *ty = 5; // unused
+        }
+    }
+    let merges: Vec<String> = model["merges"]
+        .as_array()
+        .ok_or("model.merges is not a list")?
+        .iter()
+        .map(|mg| match mg {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            )),
+            _ => Err("a merge is neither \"a b\" nor [a, b]".to_string()),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut kv = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(Array::String(tokens)),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(Array::I32(types)),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(Array::String(merges)),
+        ),
+    ];
+    if let Some(b) = m.bos_token_id {
+        kv.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b as u32)));
+    }
+    if let Some(&e) = m.eos_token_ids.first() {
+        kv.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e as u32)));
+    }
+    Ok(kv)
+}
+
+/// Llama 3's split pattern (tokenizer.json of Llama 3 and BitNet b1.58 2B4T).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The llama.cpp pre-tokenizer that splits text as `pre` does: GPT-2's byte-level regex
+/// (`gpt-2`) or Llama 3's split (`llama-bpe`). Anything else is refused rather than carried
+/// with a pre-tokenizer that would split differently (and so tokenize differently).
+fn pre_tokenizer_name(pre: &serde_json::Value) -> Result<&'static str, String> {
+    if pre["type"] == "ByteLevel" && pre["use_regex"] != false {
+        return Ok("gpt-2");
+    }
+    if pre["type"] == "Sequence"
+        && let Some(parts) = pre["pretokenizers"].as_array()
+        && let [split, byte_level] = parts.as_slice()
+        && split["type"] == "Split"
+        && split["pattern"]["Regex"] == LLAMA3_SPLIT
+        && byte_level["type"] == "ByteLevel"
+        && byte_level["use_regex"] == false
+    {
+        return Ok("llama-bpe");
+    }
+    Err("its pre-tokenizer is neither GPT-2's byte-level regex nor Llama 3's split, and llama.cpp has no way to be told another one".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The permutation llama.cpp's converter applies (reshape to [heads, 2, half], swap the
+    /// last two axes), written from that description and compared.
+    #[test]
+    fn qk_permutation_matches_the_reshape() {
+        let (heads, hd) = (3, 8);
+        let half = hd / 2;
+        for h in 0..heads {
+            for i in 0..2 {
+                for j in 0..half {
+                    let src = h * hd + i * half + j;
+                    let dst = h * hd + j * 2 + i;
+                    assert_eq!(permuted_row(src, hd), dst);
+                }
+            }
+        }
+    }
+}
