@@ -210,6 +210,9 @@ fn permuted_row(row: usize, head_dim: usize) -> usize {
     h * head_dim + 2 * j + i
 }
 
+/// A TQ row encoder (`tq1_0::encode_row` or `tq2_0::encode_row`).
+type TqEncode = fn(&[i8], f32, &mut [u8]) -> Result<(), crate::pack::tq::TqError>;
+
 /// Writes `file` as GGUF at `out`.
 pub fn export_gguf(
     file: &BpkFile,
@@ -394,18 +397,17 @@ fn tensor_bytes(
         let other = |e: String| -> UnpackError { std::io::Error::other(e).into() };
         return match ty {
             GgufTernary::Tq2_0 | GgufTernary::Tq1_0 => {
-                let (row_bytes, encode): (usize, fn(&[i8], f32, &mut [u8]) -> _) =
-                    if ty == GgufTernary::Tq2_0 {
-                        (
-                            tq2_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
-                            tq2_0::encode_row,
-                        )
-                    } else {
-                        (
-                            tq1_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
-                            tq1_0::encode_row,
-                        )
-                    };
+                let (row_bytes, encode): (usize, TqEncode) = if ty == GgufTernary::Tq2_0 {
+                    (
+                        tq2_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
+                        tq2_0::encode_row,
+                    )
+                } else {
+                    (
+                        tq1_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
+                        tq1_0::encode_row,
+                    )
+                };
                 let mut out = vec![0u8; rows * row_bytes];
                 for (src, dst) in trits.chunks_exact(k).zip(out.chunks_exact_mut(row_bytes)) {
                     encode(src, scale, dst).map_err(|e| other(e.to_string()))?;
