@@ -14,9 +14,10 @@ use super::{
     human_bytes, say, with_threads,
 };
 use crate::compare::parity::{parity, random_tokens};
+use crate::convert::from_gguf::{GgufImportOptions, gguf_to_bpk};
 use crate::convert::scheme::{SchemeOptions, parse_sites};
 use crate::convert::{ConvertError, ConvertOptions, convert_export, convert_verified};
-use crate::export::gguf::{GgufSummary, GgufTernary, export_gguf};
+use crate::export::gguf::{GgufSummary, GgufTernary, Vocab, export_gguf};
 use crate::export::hf::export_hf;
 use crate::format::{BpkFile, Storage};
 use crate::num::FloatDtype;
@@ -129,6 +130,10 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
         return export_bpk(&a, to, class, gguf_type, gguf_embed);
     }
+    if a.src.is_file() && a.src.extension().is_some_and(|x| x == "gguf") {
+        bar.finish_and_clear();
+        return import_gguf(&a, &opts, to, class, gguf_type, gguf_embed);
+    }
     let export_gguf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
         let file = Storage::map(tmp)
             .and_then(|storage| BpkFile::from_storage(&a.src, storage))
@@ -141,7 +146,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             a.force,
             gguf_type,
             gguf_embed,
-            Some(&ckpt.dir),
+            Vocab::Dir(&ckpt.dir),
         )
         .map_err(|e| ConvertError::Output {
             error: e.to_string(),
@@ -176,7 +181,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             }
             convert_export(
                 &a.src,
-                &a.output,
+                &hub_target(&a.output),
                 &opts,
                 &|n| bar.inc(n),
                 &verify,
@@ -197,7 +202,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             }
             convert_export(
                 &a.src,
-                &a.output,
+                &hub_target(&a.output),
                 &opts,
                 &|n| bar.inc(n),
                 &verify,
@@ -291,6 +296,16 @@ fn dir_tensor_bytes_hint(src: &std::path::Path) -> Option<u64> {
     Some(total)
 }
 
+/// Where the intermediate .bpk of an HF or GGUF output is written (as a temporary file beside
+/// this name, never persisted): a hidden name beside the target.
+fn hub_target(out: &Path) -> std::path::PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    crate::fsio::parent_dir(out).join(format!(".{name}.bitnet-pack-hub.bpk"))
+}
+
 /// The first option that asks for more than BitNet b1.58, which HF and GGUF runtimes lack.
 fn extended_flag(a: &ConvertArgs) -> Option<&'static str> {
     [
@@ -349,8 +364,15 @@ fn export_bpk(
         ToArg::Gguf => {
             // A tokenizer.json beside the .bpk is carried over, if there is one.
             let dir = crate::fsio::parent_dir(&a.src);
-            let s = export_gguf(&file, &a.output, a.force, gguf_type, gguf_embed, Some(&dir))
-                .with_context(|| format!("could not export {}", a.src.display()))?;
+            let s = export_gguf(
+                &file,
+                &a.output,
+                a.force,
+                gguf_type,
+                gguf_embed,
+                Vocab::Dir(&dir),
+            )
+            .with_context(|| format!("could not export {}", a.src.display()))?;
             if !a.quiet {
                 for line in gguf_summary_lines(&a.output, &s, gguf_type) {
                     say(&line);
@@ -368,6 +390,103 @@ fn export_bpk(
                     class.as_str()
                 ));
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `convert FILE.gguf ...`: a GGUF read into a .bpk, kept or exported.
+fn import_gguf(
+    a: &ConvertArgs,
+    opts: &ConvertOptions,
+    to: ToArg,
+    class: LinearClass,
+    gguf_type: GgufTernary,
+    gguf_embed: FloatDtype,
+) -> anyhow::Result<ExitCode> {
+    if a.verify {
+        anyhow::bail!(
+            "--verify compares with the float source model, which a GGUF file does not hold; convert without it and check the output with `bitnet-pack validate`"
+        );
+    }
+    if let Some(flag) = extended_flag(a) {
+        anyhow::bail!(
+            "{flag} needs float weights; a GGUF holds trits already (convert the HF checkpoint instead)"
+        );
+    }
+    let start = Instant::now();
+    let io = GgufImportOptions {
+        layout: opts.layout,
+        keep: opts.keep,
+        force: a.force,
+    };
+    let context = || format!("could not convert {}", a.src.display());
+    match to {
+        ToArg::Bpk => {
+            let finished = gguf_to_bpk(&a.src, &a.output, &io).with_context(context)?;
+            let (h, len) = finished
+                .persist()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", a.output.display()))?;
+            if !a.quiet {
+                say(&format!(
+                    "wrote {}: {} ({}) from GGUF, {} tensors, layout {}, in {:.2} s",
+                    a.output.display(),
+                    h.model.architecture,
+                    human_bytes(len),
+                    h.tensors.len(),
+                    opts.layout.as_str(),
+                    start.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        ToArg::Hf | ToArg::Gguf => {
+            if to == ToArg::Hf {
+                crate::fsio::check_new_dir(&a.output)?;
+            } else {
+                crate::fsio::check_output(&a.output, a.force, std::slice::from_ref(&a.src))?;
+            }
+            // The .bpk is made beside the target and never persisted.
+            let finished =
+                gguf_to_bpk(&a.src, &hub_target(&a.output), &io).with_context(context)?;
+            let file = Storage::map(finished.temp_path())
+                .and_then(|storage| BpkFile::from_storage(&a.src, storage))?;
+            if to == ToArg::Hf {
+                let s = export_hf(&file, &a.output, class, None).with_context(context)?;
+                if !a.quiet {
+                    say(&format!(
+                        "wrote {}: HF packed checkpoint from GGUF, {} tensors, linear_class {} (the GGUF vocabulary is not converted to tokenizer.json: copy the model's tokenizer files beside it)",
+                        a.output.display(),
+                        s.tensors,
+                        class.as_str()
+                    ));
+                }
+            } else {
+                let src_map = crate::fsio::open_regular(&a.src)?;
+                // SAFETY: read-only map, as every reader of ours.
+                let bytes = unsafe { memmap2::Mmap::map(&src_map) }?;
+                let src_g = crate::gguf::parse(&bytes)?;
+                let vocab: Vec<_> = src_g
+                    .kv()
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("tokenizer."))
+                    .cloned()
+                    .collect();
+                let s = export_gguf(
+                    &file,
+                    &a.output,
+                    a.force,
+                    gguf_type,
+                    gguf_embed,
+                    Vocab::Carried(&vocab),
+                )
+                .with_context(context)?;
+                if !a.quiet {
+                    for line in gguf_summary_lines(&a.output, &s, gguf_type) {
+                        say(&line);
+                    }
+                }
+            }
+            drop(finished);
         }
     }
     Ok(ExitCode::SUCCESS)

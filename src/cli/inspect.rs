@@ -23,6 +23,9 @@ fn bits_per_weight(t: &TensorEntry) -> f64 {
 }
 
 pub fn run(a: InspectArgs) -> anyhow::Result<ExitCode> {
+    if super::gguf_file::is_gguf(&a.file) {
+        return super::gguf_file::inspect(&a.file, a.json);
+    }
     let file =
         BpkFile::open(&a.file).with_context(|| format!("could not read {}", a.file.display()))?;
     let h = &file.header;

@@ -5,6 +5,7 @@
 //! malformed input, I/O).
 
 mod convert;
+mod gguf_file;
 mod inspect;
 mod parity;
 mod rotate;
@@ -292,7 +293,7 @@ pub enum RotateArg {
 
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// A .bpk file.
+    /// A .bpk or GGUF file.
     pub file: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -301,7 +302,7 @@ pub struct InspectArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
-    /// A .bpk file.
+    /// A .bpk or GGUF file.
     pub file: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]

@@ -13,6 +13,9 @@ use crate::format::{Finding, validate_file_into};
 const SCHEMA_VERSION: u32 = 1;
 
 pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
+    if super::gguf_file::is_gguf(&a.file) {
+        return super::gguf_file::validate(&a.file, a.json);
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout());
     // A closed pipe (`| head`) ends the output, not the validation's exit status.
     let mut broken = false;

@@ -11,6 +11,7 @@
 //! byte-identical whatever the thread count. The source files are hashed for provenance on a
 //! separate thread while the conversion runs.
 
+pub mod from_gguf;
 pub mod rotate;
 pub mod scheme;
 
@@ -67,6 +68,8 @@ pub enum ConvertError {
     File(#[from] FileError),
     #[error("{path}: {error}")]
     Write { path: PathBuf, error: WriteError },
+    #[error(transparent)]
+    GgufImport(#[from] from_gguf::GgufImportError),
     #[error(
         "{path}: the projections are already ternary (an HF offline/packed checkpoint), and a rotation must be folded into float weights before ternarization; rotate the bf16 master-weight checkpoint instead"
     )]

@@ -166,8 +166,13 @@ fn arch_of(m: &ModelConfig, path: &Path) -> Result<(Arch, Vec<String>), GgufExpo
 
 /// The GGUF name of a .bpk tensor.
 fn gguf_name(e: &TensorEntry) -> String {
-    let blk = |s: &str| format!("blk.{}.{s}.weight", e.layer.unwrap_or(0));
-    match e.role {
+    gguf_name_of(e.role, e.layer.map(|l| l as usize))
+}
+
+/// The GGUF name of the tensor of `role` in block `layer` (llama.cpp's names).
+pub fn gguf_name_of(role: Role, layer: Option<usize>) -> String {
+    let blk = |s: &str| format!("blk.{}.{s}.weight", layer.unwrap_or(0));
+    match role {
         Role::Embedding => "token_embd.weight".into(),
         Role::FinalNorm => "output_norm.weight".into(),
         Role::LmHead => "output.weight".into(),
@@ -203,11 +208,20 @@ fn gguf_type(e: &TensorEntry, ty: GgufTernary, embed: FloatDtype) -> GgmlType {
 
 /// llama.cpp's q/k row order for interleaved RoPE: within each head, row `i * half + j` of the
 /// HF (rotate-half) layout goes to row `2 * j + i`.
-fn permuted_row(row: usize, head_dim: usize) -> usize {
+pub fn permuted_row(row: usize, head_dim: usize) -> usize {
     let (h, r) = (row / head_dim, row % head_dim);
     let half = head_dim / 2;
     let (i, j) = (r / half, r % half);
     h * head_dim + 2 * j + i
+}
+
+/// Where a GGUF's vocabulary comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Vocab<'a> {
+    /// `tokenizer.json` in this directory, if there is one.
+    Dir(&'a Path),
+    /// The `tokenizer.*` pairs of a source GGUF, carried over as they are.
+    Carried(&'a [(String, Value)]),
 }
 
 /// A TQ row encoder (`tq1_0::encode_row` or `tq2_0::encode_row`).
@@ -220,7 +234,7 @@ pub fn export_gguf(
     force: bool,
     ty: GgufTernary,
     embed: FloatDtype,
-    tokenizer_dir: Option<&Path>,
+    vocab: Vocab<'_>,
 ) -> Result<GgufSummary, UnpackError> {
     check_valid(file)?;
     let h = &file.header;
@@ -315,22 +329,34 @@ pub fn export_gguf(
             Value::String(env!("CARGO_PKG_VERSION").into()),
         ),
     ];
-    let vocabulary = match tokenizer_dir.map(|d| d.join("tokenizer.json")) {
-        Some(p) if fsio::stat(&p)?.is_some() => {
-            let bytes = fsio::read_capped(&p, crate::source::MAX_JSON_FILE, "tokenizer.json")?;
-            match vocab_kv(&bytes, m) {
-                Ok(v) => {
-                    kv.extend(v);
-                    true
-                }
-                Err(why) => {
-                    notes.push(format!("{}: {why}; the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab): runtimes take token ids only", p.display()));
-                    false
-                }
-            }
+    let tokenizer_dir = match vocab {
+        Vocab::Dir(d) => Some(d),
+        Vocab::Carried(_) => None,
+    };
+    let carried = match vocab {
+        Vocab::Carried(kvs) if kvs.iter().any(|(k, _)| k == "tokenizer.ggml.model") => {
+            kv.extend(kvs.iter().cloned());
+            true
         }
         _ => false,
     };
+    let vocabulary = carried
+        || match tokenizer_dir.map(|d| d.join("tokenizer.json")) {
+            Some(p) if fsio::stat(&p)?.is_some() => {
+                let bytes = fsio::read_capped(&p, crate::source::MAX_JSON_FILE, "tokenizer.json")?;
+                match vocab_kv(&bytes, m) {
+                    Ok(v) => {
+                        kv.extend(v);
+                        true
+                    }
+                    Err(why) => {
+                        notes.push(format!("{}: {why}; the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab): runtimes take token ids only", p.display()));
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
     if !vocabulary {
         kv.push((
             "tokenizer.ggml.model".into(),
