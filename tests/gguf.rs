@@ -325,7 +325,8 @@ fn hostile_gguf_inputs_are_refused() {
     let g = parse(&bytes).unwrap();
     // Rewrites the good file with `edit` applied to (kv, tensors as (spec, data)).
     type Tensors = Vec<(TensorSpec, Vec<u8>)>;
-    let rewrite = |name: &str, edit: &dyn Fn(&mut Vec<(String, Value)>, &mut Tensors)| {
+    type Edit<'e> = &'e dyn Fn(&mut Vec<(String, Value)>, &mut Tensors);
+    let rewrite = |name: &str, edit: Edit<'_>| {
         let mut kv: Vec<(String, Value)> = g.kv().to_vec();
         let mut ts: Tensors = g
             .tensors()
