@@ -125,12 +125,13 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         LinearClassArg::Autobitlinear => LinearClass::AutoBitLinear,
         LinearClassArg::Bitlinear => LinearClass::BitLinear,
     };
-    let src_is_bpk = a.src.is_file() && a.src.extension().is_some_and(|x| x == "bpk");
+    // Chosen by name: a FIFO or a device named so gets the reader's clear refusal.
+    let src_is_bpk = a.src.extension().is_some_and(|x| x == "bpk");
     if src_is_bpk {
         bar.finish_and_clear();
         return export_bpk(&a, to, class, gguf_type, gguf_embed);
     }
-    if a.src.is_file() && a.src.extension().is_some_and(|x| x == "gguf") {
+    if a.src.extension().is_some_and(|x| x == "gguf") {
         bar.finish_and_clear();
         return import_gguf(&a, &opts, to, class, gguf_type, gguf_embed);
     }
