@@ -185,11 +185,22 @@ pub fn gguf_to_bpk(
                 .map_err(write_err)?;
         } else {
             let target = plan.encoding.float().unwrap_or(FloatDtype::F32);
-            let values = float_tensor(&g, info, &path)?;
-            let mut bytes = Vec::with_capacity(values.len() * target.size());
-            encode_f32(target, &values, &mut bytes);
-            w.write_tensor(None, |sink| sink.write_all(&bytes))
-                .map_err(write_err)?;
+            let mut bad: Option<ConvertError> = None;
+            w.write_tensor(None, |sink| {
+                float_chunks(&g, info, &path, &mut |values| {
+                    let mut bytes = Vec::with_capacity(values.len() * target.size());
+                    encode_f32(target, values, &mut bytes);
+                    sink.write_all(&bytes)
+                })
+                .map_err(|e| match e {
+                    FloatErr::Io(e) => e,
+                    FloatErr::Convert(c) => {
+                        bad = Some(c);
+                        std::io::Error::other("a non-finite value")
+                    }
+                })
+            })
+            .map_err(|e| bad.take().unwrap_or_else(|| write_err(e)))?;
         }
     }
     w.finish(provenance).map_err(write_err)
@@ -276,40 +287,64 @@ fn float_target(ty: GgmlType, ndim: usize, keep: Option<FloatDtype>) -> FloatDty
     })
 }
 
-/// A float tensor's values.
-fn float_tensor(
+enum FloatErr {
+    Io(std::io::Error),
+    Convert(ConvertError),
+}
+
+/// A float tensor's values, handed to `put` a chunk at a time (memory: one chunk), each
+/// checked to be finite.
+fn float_chunks(
     g: &GgufFile<'_>,
     info: &TensorInfo,
     path: &Path,
-) -> Result<Vec<f32>, ConvertError> {
+    put: &mut dyn FnMut(&[f32]) -> std::io::Result<()>,
+) -> Result<(), FloatErr> {
+    use crate::num::dtype::STREAM_CHUNK;
     let data = g.tensor_data(info);
-    let n = info.numel() as usize;
-    let mut v = vec![0f32; n];
-    match info.ty {
-        GgmlType::F32 => decode_f32(FloatDtype::F32, data, &mut v),
-        GgmlType::F16 => decode_f32(FloatDtype::F16, data, &mut v),
-        GgmlType::BF16 => decode_f32(FloatDtype::Bf16, data, &mut v),
-        GgmlType::Q8_0 => {
-            // Blocks of 32: an f16 scale d, then 32 int8; value = d * q.
-            for (block, out) in data.chunks_exact(34).zip(v.chunks_mut(32)) {
-                let mut d = [0f32];
-                decode_f32(FloatDtype::F16, &block[..2], &mut d);
-                for (o, &q) in out.iter_mut().zip(&block[2..]) {
-                    *o = d[0] * f32::from(q as i8);
+    // Q8_0: blocks of 32 values in 34 bytes (an f16 scale d, then 32 int8; value = d * q).
+    let (elem_bytes, per): (usize, usize) = match info.ty {
+        GgmlType::Q8_0 => (34, 32),
+        GgmlType::F32 => (4, 1),
+        _ => (2, 1),
+    };
+    let chunk_bytes = (STREAM_CHUNK / per).max(1) * elem_bytes;
+    let mut v = Vec::new();
+    for (c, chunk) in data.chunks(chunk_bytes).enumerate() {
+        v.clear();
+        v.resize(chunk.len() / elem_bytes * per, 0f32);
+        match info.ty {
+            GgmlType::F32 => decode_f32(FloatDtype::F32, chunk, &mut v),
+            GgmlType::F16 => decode_f32(FloatDtype::F16, chunk, &mut v),
+            GgmlType::BF16 => decode_f32(FloatDtype::Bf16, chunk, &mut v),
+            GgmlType::Q8_0 => {
+                for (block, out) in chunk.chunks_exact(34).zip(v.chunks_mut(32)) {
+                    let mut d = [0f32];
+                    decode_f32(FloatDtype::F16, &block[..2], &mut d);
+                    for (o, &q) in out.iter_mut().zip(&block[2..]) {
+                        *o = d[0] * f32::from(q as i8);
+                    }
                 }
             }
+            _ => unreachable!("types checked by match_model"),
         }
-        _ => unreachable!("types checked by gguf_to_bpk"),
-    }
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(GgufImportError::Data {
-            path: path.to_path_buf(),
-            name: info.name.clone(),
-            reason: format!("element {i} is {}, not finite", v[i]),
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(FloatErr::Convert(
+                GgufImportError::Data {
+                    path: path.to_path_buf(),
+                    name: info.name.clone(),
+                    reason: format!(
+                        "element {} is {}, not finite",
+                        c * (chunk_bytes / elem_bytes * per) + i,
+                        v[i]
+                    ),
+                }
+                .into(),
+            ));
         }
-        .into());
+        put(&v).map_err(FloatErr::Io)?;
     }
-    Ok(v)
+    Ok(())
 }
 
 /// A ternary tensor's scale and its rows packed in `layout` (HF row order).

@@ -24,7 +24,7 @@ use crate::gguf::{Array, GgmlType, Value};
 use crate::gguf::{GgufFileWriter, GgufPlan, TensorSpec};
 use crate::model::{Family, ModelConfig, Role};
 use crate::num::FloatDtype;
-use crate::num::dtype::{decode_f32, encode_f32};
+use crate::num::dtype::{STREAM_CHUNK, decode_f32, encode_f32};
 use crate::pack::{i2_s, tq1_0, tq2_0};
 
 /// The ternary GGUF types we write.
@@ -377,9 +377,13 @@ pub fn export_gguf(
     let file_len = plan.file_len();
     let mut w = GgufFileWriter::create(out, force, plan).map_err(GgufExportError::from)?;
     for e in &h.tensors {
-        let bytes = tensor_bytes(file, e, ty, embed, &arch, m, &path)?;
-        w.write_tensor(&gguf_name(e), &bytes)
+        w.begin_tensor(&gguf_name(e))
             .map_err(GgufExportError::from)?;
+        write_tensor_chunks(file, e, ty, embed, &arch, m, &path, &mut |bytes| {
+            w.write_chunk(bytes)
+                .map_err(|e| GgufExportError::from(e).into())
+        })?;
+        w.end_tensor().map_err(GgufExportError::from)?;
     }
     w.finish()
         .and_then(|f| f.persist())
@@ -393,8 +397,11 @@ pub fn export_gguf(
     })
 }
 
-/// The GGUF bytes of one tensor.
-fn tensor_bytes(
+/// Writes one tensor's GGUF bytes through `put`, a chunk at a time: memory stays at one chunk
+/// of rows (or of float elements) whatever the tensor's size, except for I2_S, whose per-tensor
+/// tail needs the whole tensor encoded at once. Rows are encoded in parallel.
+#[allow(clippy::too_many_arguments)]
+fn write_tensor_chunks(
     file: &BpkFile,
     e: &TensorEntry,
     ty: GgufTernary,
@@ -402,78 +409,103 @@ fn tensor_bytes(
     arch: &Arch,
     m: &ModelConfig,
     path: &Path,
-) -> Result<Vec<u8>, UnpackError> {
+    put: &mut dyn FnMut(&[u8]) -> Result<(), UnpackError>,
+) -> Result<(), UnpackError> {
+    use rayon::prelude::*;
     let raw = file.raw(e).map_err(std::io::Error::other)?;
+    let other = |e: String| -> UnpackError { std::io::Error::other(e).into() };
     if let Some(layout) = e.encoding.ternary() {
         let (rows, k) = (e.shape[0] as usize, e.shape[1] as usize);
         let rb = layout.row_bytes(k);
-        let mut trits = vec![0i8; rows * k];
         let permute = arch.permute_qk && matches!(e.role, Role::QProj | Role::KProj);
-        for (r, row) in raw.chunks_exact(rb).enumerate() {
-            let to = if permute {
-                permuted_row(r, m.head_dim)
+        let scale = e.scale_f32().unwrap_or(0.0);
+        // The trits of GGUF row `r` (a q/k row of llama.cpp's order comes from another HF row).
+        let source_row = |r: usize| -> usize {
+            if permute {
+                // permuted_row maps HF rows to GGUF rows; invert it within the head.
+                let (h, rr) = (r / m.head_dim, r % m.head_dim);
+                let half = m.head_dim / 2;
+                let (j, i) = (rr / 2, rr % 2);
+                h * m.head_dim + i * half + j
             } else {
                 r
-            };
-            layout
-                .unpack_row(row, &mut trits[to * k..(to + 1) * k])
-                .map_err(std::io::Error::other)?;
-        }
-        let scale = e.scale_f32().unwrap_or(0.0);
-        let other = |e: String| -> UnpackError { std::io::Error::other(e).into() };
-        return match ty {
-            GgufTernary::Tq2_0 | GgufTernary::Tq1_0 => {
-                let (row_bytes, encode): (usize, TqEncode) = if ty == GgufTernary::Tq2_0 {
-                    (
-                        tq2_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
-                        tq2_0::encode_row,
-                    )
-                } else {
-                    (
-                        tq1_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
-                        tq1_0::encode_row,
-                    )
-                };
-                let mut out = vec![0u8; rows * row_bytes];
-                for (src, dst) in trits.chunks_exact(k).zip(out.chunks_exact_mut(row_bytes)) {
-                    encode(src, scale, dst).map_err(|e| other(e.to_string()))?;
-                }
-                Ok(out)
-            }
-            GgufTernary::I2S => {
-                let n = i2_s::tensor_bytes(rows, k).map_err(|e| other(e.to_string()))?;
-                let mut out = vec![0u8; n];
-                i2_s::encode_tensor(&trits, k, scale, &mut out)
-                    .map_err(|e| other(e.to_string()))?;
-                Ok(out)
             }
         };
+        let unpack = |r: usize, out: &mut [i8]| -> Result<(), UnpackError> {
+            let src = source_row(r);
+            layout
+                .unpack_row(&raw[src * rb..(src + 1) * rb], out)
+                .map_err(|e| other(e.to_string()))
+        };
+        if ty == GgufTernary::I2S {
+            let mut trits = vec![0i8; rows * k];
+            trits
+                .par_chunks_mut(k)
+                .enumerate()
+                .try_for_each(|(r, out)| unpack(r, out))?;
+            let n = i2_s::tensor_bytes(rows, k).map_err(|e| other(e.to_string()))?;
+            let mut out = vec![0u8; n];
+            i2_s::encode_tensor(&trits, k, scale, &mut out).map_err(|e| other(e.to_string()))?;
+            return put(&out);
+        }
+        let (row_bytes, encode): (usize, TqEncode) = if ty == GgufTernary::Tq2_0 {
+            (
+                tq2_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
+                tq2_0::encode_row,
+            )
+        } else {
+            (
+                tq1_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
+                tq1_0::encode_row,
+            )
+        };
+        let rows_per_chunk = (STREAM_CHUNK / k).max(1);
+        let mut out = vec![0u8; rows_per_chunk * row_bytes];
+        for first in (0..rows).step_by(rows_per_chunk) {
+            let n = rows_per_chunk.min(rows - first);
+            out[..n * row_bytes]
+                .par_chunks_mut(row_bytes)
+                .enumerate()
+                .try_for_each_init(
+                    || vec![0i8; k],
+                    |trits, (i, dst)| -> Result<(), UnpackError> {
+                        unpack(first + i, trits)?;
+                        encode(trits, scale, dst).map_err(|e| other(e.to_string()))
+                    },
+                )?;
+            put(&out[..n * row_bytes])?;
+        }
+        return Ok(());
     }
     let src = e.encoding.float().unwrap_or(FloatDtype::F32);
-    let n = raw.len() / src.size();
-    let mut v = vec![0f32; n];
-    decode_f32(src, &raw, &mut v);
     let target = match gguf_type(e, ty, embed) {
         GgmlType::F16 => FloatDtype::F16,
         GgmlType::BF16 => FloatDtype::Bf16,
         _ => FloatDtype::F32,
     };
-    let mut out = Vec::with_capacity(n * target.size());
-    encode_f32(target, &v, &mut out);
-    if target == FloatDtype::F16 {
-        let mut back = vec![0f32; n];
-        decode_f32(FloatDtype::F16, &out, &mut back);
-        if let Some(i) = back.iter().position(|x| !x.is_finite()) {
-            return Err(GgufExportError::Overflow {
-                path: path.to_path_buf(),
-                tensor: e.name.clone(),
-                index: i,
-                value: v[i],
+    let (mut v, mut back, mut enc) = (Vec::new(), Vec::new(), Vec::new());
+    for (c, chunk) in raw.chunks(STREAM_CHUNK * src.size()).enumerate() {
+        let n = chunk.len() / src.size();
+        v.resize(n, 0f32);
+        decode_f32(src, chunk, &mut v);
+        enc.clear();
+        encode_f32(target, &v, &mut enc);
+        if target == FloatDtype::F16 {
+            back.resize(n, 0f32);
+            decode_f32(FloatDtype::F16, &enc, &mut back);
+            if let Some(i) = back.iter().position(|x| !x.is_finite()) {
+                return Err(GgufExportError::Overflow {
+                    path: path.to_path_buf(),
+                    tensor: e.name.clone(),
+                    index: c * STREAM_CHUNK + i,
+                    value: v[i],
+                }
+                .into());
             }
-            .into());
         }
+        put(&enc)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The vocabulary keys of a byte-level BPE tokenizer.json (`gpt2` in GGUF terms), or why it
