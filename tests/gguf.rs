@@ -12,6 +12,17 @@ use bitnet_pack::format::BpkFile;
 use bitnet_pack::gguf::{GgmlType, Value, parse};
 use common::*;
 
+/// GGUF names of the seven projections, in the .bpk's (canonical) order within a block.
+const PROJECTIONS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
 /// Every ternary tensor of a .bpk: name, trits (row-major) and scale.
 fn bpk_trits(path: &Path) -> Vec<(String, Vec<i8>, f32)> {
     let f = BpkFile::open(path).unwrap();
@@ -79,18 +90,9 @@ fn gguf_holds_the_trits_and_the_metadata_llama_cpp_reads() {
             GgmlType::F32
         );
         assert!(g.tensor("output.weight").is_none(), "tied head written");
-        let names = [
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ];
         let mut n = 0;
         for layer in 0..2 {
-            for (i, short) in names.iter().enumerate() {
+            for (i, short) in PROJECTIONS.iter().enumerate() {
                 let info = g.tensor(&format!("blk.{layer}.{short}.weight")).unwrap();
                 assert_eq!(info.ty, ggml);
                 let t = g.ternary(info).unwrap().unwrap();

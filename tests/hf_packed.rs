@@ -19,26 +19,7 @@ const PACKED: [&str; 3] = [
 ];
 
 fn golden(dir: &std::path::Path) -> (Vec<u32>, Vec<f32>) {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("golden_logits_hf.json")).unwrap()).unwrap();
-    let tokens = v["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    let logits = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect();
-    (tokens, logits)
+    read_logits_json(&dir.join("golden_logits_hf.json"))
 }
 
 fn source_logits(dir: &std::path::Path, tokens: &[u32]) -> Vec<f32> {

@@ -29,27 +29,8 @@ struct Golden {
 }
 
 fn golden(name: &str, mode: &str) -> Golden {
-    let v: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixture(name).join(format!("golden_logits_hf_{mode}.json"))).unwrap(),
-    )
-    .unwrap();
-    let tokens = v["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    let logits = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-        })
-        .collect();
+    let (tokens, logits) =
+        read_logits_json(&fixture(name).join(format!("golden_logits_hf_{mode}.json")));
     Golden { tokens, logits }
 }
 

@@ -16,7 +16,7 @@ use super::{
 use crate::compare::parity::{parity, random_tokens};
 use crate::convert::from_gguf::{GgufImportOptions, gguf_to_bpk};
 use crate::convert::scheme::{SchemeOptions, parse_sites};
-use crate::convert::{ConvertError, ConvertOptions, convert_export, convert_verified};
+use crate::convert::{ConvertError, ConvertOptions, Exporter, convert_export, convert_verified};
 use crate::export::gguf::{GgufSummary, GgufTernary, Vocab, export_gguf};
 use crate::export::hf::export_hf;
 use crate::format::{BpkFile, Storage};
@@ -136,11 +136,7 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         return import_gguf(&a, &opts, to, class, gguf_type, gguf_embed);
     }
     let export_gguf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
-        let file = Storage::map(tmp)
-            .and_then(|storage| BpkFile::from_storage(&a.src, storage))
-            .map_err(|e| ConvertError::Output {
-                error: e.to_string(),
-            })?;
+        let file = hub_file(tmp, &a.src)?;
         let s = export_gguf(
             &file,
             &a.output,
@@ -159,57 +155,43 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         Ok(())
     };
     let export_hf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
-        let file = Storage::map(tmp)
-            .and_then(|storage| BpkFile::from_storage(&a.src, storage))
-            .map_err(|e| ConvertError::Output {
-                error: e.to_string(),
-            })?;
+        let file = hub_file(tmp, &a.src)?;
         export_hf(&file, &a.output, class, Some(&ckpt.dir)).map_err(|e| ConvertError::Output {
             error: e.to_string(),
         })?;
         Ok(())
     };
-    let result = with_threads(a.threads, || match to {
-        ToArg::Bpk => convert_verified(&a.src, &a.output, &opts, &|n| bar.inc(n), &verify),
-        ToArg::Gguf => {
-            crate::fsio::check_output(&a.output, a.force, &[])?;
-            if let Some(flag) = extended_flag(&a) {
-                return Err(ConvertError::Output {
-                    error: format!(
-                        "{flag} cannot be combined with GGUF output: llama.cpp and bitnet.cpp run BitNet b1.58 only (int8 activations, no online transforms, float attention); write a .bpk instead"
-                    ),
-                });
+    let result = with_threads(a.threads, || {
+        let (runtime, exporter): (&str, &Exporter<'_>) = match to {
+            ToArg::Bpk => {
+                return convert_verified(&a.src, &a.output, &opts, &|n| bar.inc(n), &verify);
             }
-            convert_export(
-                &a.src,
-                &hub_target(&a.output),
-                &opts,
-                &|n| bar.inc(n),
-                &verify,
-                &export_gguf_from,
-            )
-        }
-        ToArg::Hf => {
-            // Fail before the work if the target directory cannot be made, or if options
-            // ask for what transformers' BitNet layers cannot compute (checked again on the
-            // file, which also catches a scheme config.json declares).
-            crate::fsio::check_new_dir(&a.output)?;
-            if let Some(flag) = extended_flag(&a) {
-                return Err(ConvertError::Output {
-                    error: format!(
-                        "{flag} cannot be combined with --to hf: transformers' BitNet layers run BitNet b1.58 only (int8 per-token activations, no online transforms, float attention); write a .bpk instead"
-                    ),
-                });
+            ToArg::Gguf => {
+                crate::fsio::check_output(&a.output, a.force, &[])?;
+                ("GGUF output: llama.cpp and bitnet.cpp", &export_gguf_from)
             }
-            convert_export(
-                &a.src,
-                &hub_target(&a.output),
-                &opts,
-                &|n| bar.inc(n),
-                &verify,
-                &export_hf_from,
-            )
+            ToArg::Hf => {
+                crate::fsio::check_new_dir(&a.output)?;
+                ("--to hf: transformers' BitNet layers", &export_hf_from)
+            }
+        };
+        // Fail before the work if options ask for what the target runtime cannot compute
+        // (checked again on the file, which also catches a scheme config.json declares).
+        if let Some(flag) = extended_flag(&a) {
+            return Err(ConvertError::Output {
+                error: format!(
+                    "{flag} cannot be combined with {runtime} run BitNet b1.58 only (int8 per-token activations, no online transforms, float attention); write a .bpk instead"
+                ),
+            });
         }
+        convert_export(
+            &a.src,
+            &hub_target(&a.output),
+            &opts,
+            &|n| bar.inc(n),
+            &verify,
+            exporter,
+        )
     })?;
     bar.finish_and_clear();
     if let Err(e @ ConvertError::VerifyFailed { .. }) = &result {
@@ -295,6 +277,15 @@ fn dir_tensor_bytes_hint(src: &std::path::Path) -> Option<u64> {
         .filter_map(|e| e.metadata().ok().map(|m| m.len()))
         .sum();
     Some(total)
+}
+
+/// The intermediate .bpk at `tmp`, named in messages by the source it was made from.
+fn hub_file(tmp: &Path, src: &Path) -> Result<BpkFile, ConvertError> {
+    Storage::map(tmp)
+        .and_then(|storage| BpkFile::from_storage(src, storage))
+        .map_err(|e| ConvertError::Output {
+            error: e.to_string(),
+        })
 }
 
 /// Where the intermediate .bpk of an HF or GGUF output is written (as a temporary file beside

@@ -154,13 +154,7 @@ pub fn gguf_to_bpk(
         .into_iter()
         .collect(),
     };
-    let write_err = |error: WriteError| match error {
-        WriteError::File(e) => ConvertError::File(e),
-        error => ConvertError::Write {
-            path: out.to_path_buf(),
-            error,
-        },
-    };
+    let write_err = |error: WriteError| super::write_error(out, error);
     let mut w = BpkWriter::create(
         out,
         opts.force,

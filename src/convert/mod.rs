@@ -98,7 +98,7 @@ pub enum ConvertError {
 }
 
 /// A writer error as a conversion error: file errors name their path already.
-fn write_error(out: &Path, error: WriteError) -> ConvertError {
+pub(crate) fn write_error(out: &Path, error: WriteError) -> ConvertError {
     match error {
         WriteError::File(e) => ConvertError::File(e),
         error => ConvertError::Write {

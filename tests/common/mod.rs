@@ -140,3 +140,28 @@ pub fn sha256(path: &Path) -> String {
     let digest = Sha256::digest(std::fs::read(path).unwrap());
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Reads a logits JSON file (`{"tokens": [...], "logits": [[...], ...]}`, as goldens and
+/// `run --logits-json` write it): the tokens and the logits flattened row by row.
+#[allow(dead_code)]
+pub fn read_logits_json(path: &Path) -> (Vec<u32>, Vec<f32>) {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let tokens = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let logits = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+        })
+        .collect();
+    (tokens, logits)
+}
