@@ -7,9 +7,9 @@ transformers' own initialisation, and written by save_pretrained (safetensors). 
 committed: the models go to OUT_DIR, one directory each, and the script prints their paths
 joined with ':' for BITNET_PACK_MATRIX_MODELS.
 
-    python3 -m venv /opt/tfvenv
-    /opt/tfvenv/bin/pip install torch transformers safetensors numpy
-    /opt/tfvenv/bin/python scripts/make_hf_models.py OUT_DIR [--seeds 11,12,13]
+    python3 -m venv $VENV
+    $VENV/bin/pip install torch transformers safetensors numpy
+    $VENV/bin/python scripts/make_hf_models.py OUT_DIR [--seeds 11,12,13]
 
 The sizes vary on purpose: head dims of 16, 24 and 32, GQA groups of 1 to 4, widths that are
 not multiples of 128, tied and untied heads, bf16, f16 and f32 files. The projections of the

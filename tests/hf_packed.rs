@@ -384,3 +384,25 @@ fn hf_export_refuses_what_transformers_cannot_run() {
         .collect();
     assert!(left.is_empty(), "temporary files left: {left:?}");
 }
+
+/// transformers' default quantization_mode is offline: ternary floats with a weight_scale and
+/// no quantization_mode key are read as offline trits, and give the same file.
+#[test]
+fn absent_quantization_mode_means_offline() {
+    let dir = copy_fixture("tiny-hf-ternary-auto");
+    let p = dir.path().join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    v["quantization_config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("quantization_mode");
+    std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a.bpk"), tmp.path().join("b.bpk"));
+    convert_ok(&fixture("tiny-hf-ternary-auto"), &a, &[]);
+    convert_ok(dir.path(), &b, &[]);
+    let (fa, fb) = (BpkFile::open(&a).unwrap(), BpkFile::open(&b).unwrap());
+    for (x, y) in fa.header.tensors.iter().zip(&fb.header.tensors) {
+        assert_eq!((&x.sha256, x.scale), (&y.sha256, y.scale), "{}", x.name);
+    }
+}

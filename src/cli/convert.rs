@@ -17,7 +17,7 @@ use crate::compare::parity::{parity, random_tokens};
 use crate::convert::from_gguf::{GgufImportOptions, gguf_to_bpk};
 use crate::convert::scheme::{SchemeOptions, parse_sites};
 use crate::convert::{ConvertError, ConvertOptions, Exporter, convert_export, convert_verified};
-use crate::export::gguf::{GgufSummary, GgufTernary, Vocab, export_gguf};
+use crate::export::gguf::{GgufSummary, GgufTernary, Vocab, check_rows, export_gguf};
 use crate::export::hf::export_hf;
 use crate::format::{BpkFile, Storage};
 use crate::num::FloatDtype;
@@ -168,6 +168,19 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             }
             ToArg::Gguf => {
                 crate::fsio::check_output(&a.output, a.force, &[])?;
+                // Row lengths from the checkpoint's shapes, before the work.
+                let ckpt = Checkpoint::open(&a.src)?;
+                check_rows(
+                    &a.src,
+                    ckpt.tensors
+                        .iter()
+                        .filter(|t| t.spec.role.is_ternary())
+                        .map(|t| (t.spec.name.as_str(), t.spec.shape[1] as u64)),
+                    gguf_type,
+                )
+                .map_err(|e| ConvertError::Output {
+                    error: e.to_string(),
+                })?;
                 ("GGUF output: llama.cpp and bitnet.cpp", &export_gguf_from)
             }
             ToArg::Hf => {
@@ -328,9 +341,6 @@ fn gguf_summary_lines(out: &Path, s: &GgufSummary, ty: GgufTernary) -> Vec<Strin
         ty.as_str().to_uppercase(),
         human_bytes(s.file_len),
     )];
-    if !s.vocabulary {
-        lines.push("note: no tokenizer.json to carry over: the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab), so runtimes take token ids only".into());
-    }
     lines.extend(s.notes.iter().map(|n| format!("note: {n}")));
     if ty == GgufTernary::I2S {
         lines.push("note: I2_S (type 36) is bitnet.cpp's x86 layout; upstream llama.cpp does not load it, and bitnet.cpp's ARM build expects another layout".into());

@@ -46,11 +46,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Convert an HF checkpoint directory (safetensors) into a .bpk file.
+    /// Convert an HF checkpoint (master weights or packed), a .bpk or a GGUF file into a .bpk,
+    /// an HF packed checkpoint (--to hf) or a GGUF file (-o NAME.gguf).
     Convert(ConvertArgs),
-    /// Describe a .bpk file: model, quantization, tensor table, sizes.
+    /// Describe a .bpk or GGUF file: model, quantization, tensor table, sizes.
     Inspect(InspectArgs),
-    /// Check every byte of a .bpk file; exit 1 if anything is wrong.
+    /// Check every byte of a .bpk or GGUF file; exit 1 if anything is wrong.
     Validate(ValidateArgs),
     /// Dequantize a .bpk file into a safetensors file.
     Unpack(UnpackArgs),
@@ -222,7 +223,7 @@ pub struct ConvertArgs {
     /// HF model directory (config.json + model.safetensors or model.safetensors.index.json;
     /// master weights, or an HF packed checkpoint), or a .bpk file to export with --to.
     pub src: PathBuf,
-    /// Output: a .bpk file, or a new directory with --to hf.
+    /// Output: a .bpk file, a NAME.gguf file, or a new directory with --to hf.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Output format (default: gguf for an output named *.gguf or with --gguf-type, else bpk).
@@ -238,7 +239,8 @@ pub struct ConvertArgs {
     /// Layout of the ternary weights.
     #[arg(long, value_enum, default_value = "i2")]
     pub layout: LayoutArg,
-    /// Element type of embeddings, norms and an untied lm_head.
+    /// Element type of embeddings, norms and an untied lm_head (for GGUF output: of the
+    /// embedding and head, f16 unless given; norms are always f32 there).
     #[arg(long, value_enum, default_value = "source")]
     pub keep: KeepArg,
     /// zstd-compress the non-ternary tensors.

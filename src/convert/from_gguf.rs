@@ -23,6 +23,9 @@ use crate::num::digest::sha256_file;
 use crate::num::dtype::{decode_f32, encode_f32};
 use crate::pack::TernaryLayout;
 
+/// The `general.architecture` values bitnet-pack reads.
+pub const ARCHITECTURES: &[&str] = &["bitnet", "bitnet-b1.58", "bitnet-25", "llama"];
+
 /// What a GGUF import needs to know.
 #[derive(Debug, Clone)]
 pub struct GgufImportOptions {
@@ -468,8 +471,31 @@ fn model_of(g: &GgufFile<'_>, path: &Path) -> Result<(ModelConfig, bool), Conver
         "tie_word_embeddings": g.tensor("output.weight").is_none(),
     });
     let obj = cfg.as_object_mut().expect("built as an object");
-    if let Ok(hd) = uint("attention.key_length") {
-        obj.insert("head_dim".into(), hd.into());
+    let head_dim = uint("attention.key_length").unwrap_or(hidden / heads.max(1));
+    obj.insert("head_dim".into(), head_dim.into());
+    // Keys a runtime reads that must agree with what bitnet-pack runs.
+    for (key, want, what) in [
+        (
+            "attention.value_length",
+            head_dim,
+            "the key length (values and keys of one width)",
+        ),
+        (
+            "rope.dimension_count",
+            head_dim,
+            "the head dimension (RoPE over the whole head; partial rotary is not supported)",
+        ),
+        ("vocab_size", vocab, "the embedding's rows"),
+    ] {
+        if let Some(v) = g.get_uint(&format!("{arch}.{key}"))
+            && v != want
+        {
+            return Err(GgufImportError::Config {
+                path: path.to_path_buf(),
+                reason: format!("{arch}.{key} is {v}, but must equal {what}, {want}"),
+            }
+            .into());
+        }
     }
     if let Some(b) = g.get_uint("tokenizer.ggml.bos_token_id") {
         obj.insert("bos_token_id".into(), b.into());

@@ -215,6 +215,49 @@ pub fn permuted_row(row: usize, head_dim: usize) -> usize {
     h * head_dim + 2 * j + i
 }
 
+/// The inverse of [`permuted_row`]: the HF row that llama.cpp's row `row` comes from.
+pub fn unpermuted_row(row: usize, head_dim: usize) -> usize {
+    let (h, r) = (row / head_dim, row % head_dim);
+    let half = head_dim / 2;
+    let (j, i) = (r / 2, r % 2);
+    h * head_dim + i * half + j
+}
+
+/// Checks that every ternary row length (`(tensor, k)`) is a whole number of `ty`'s blocks;
+/// the error names the first that is not and the types that would fit. Run before a
+/// conversion (from the checkpoint's shapes) and again on the file.
+pub fn check_rows<'n>(
+    path: &Path,
+    rows: impl Iterator<Item = (&'n str, u64)> + Clone,
+    ty: GgufTernary,
+) -> Result<(), GgufExportError> {
+    let block = ty.ggml().block_size();
+    let Some((name, k)) = rows.clone().find(|(_, k)| k % block != 0) else {
+        return Ok(());
+    };
+    let fits: Vec<&str> = [GgufTernary::Tq2_0, GgufTernary::Tq1_0, GgufTernary::I2S]
+        .into_iter()
+        .filter(|t| rows.clone().all(|(_, k)| k % t.ggml().block_size() == 0))
+        .map(|t| t.as_str())
+        .collect();
+    let options = if fits.is_empty() {
+        "no ternary GGUF type fits this model (TQ1_0/TQ2_0 need rows that are multiples of 256 weights, I2_S of 128); keep the .bpk".to_string()
+    } else {
+        format!(
+            "--gguf-type {} fits every row of this model",
+            fits.join(" or ")
+        )
+    };
+    Err(GgufExportError::Block {
+        path: path.to_path_buf(),
+        tensor: name.to_string(),
+        k,
+        block,
+        ty: ty.as_str(),
+        options,
+    })
+}
+
 /// Where a GGUF's vocabulary comes from.
 #[derive(Debug, Clone, Copy)]
 pub enum Vocab<'a> {
@@ -247,39 +290,14 @@ pub fn export_gguf(
         .into());
     }
     let (arch, mut notes) = arch_of(&h.model, &path)?;
-    let block = ty.ggml().block_size();
-    for e in h.tensors.iter().filter(|e| e.encoding.ternary().is_some()) {
-        let k = e.shape[1];
-        if k % block != 0 {
-            let fits: Vec<&str> = [GgufTernary::Tq2_0, GgufTernary::Tq1_0, GgufTernary::I2S]
-                .into_iter()
-                .filter(|t| {
-                    h.tensors
-                        .iter()
-                        .filter(|e| e.encoding.ternary().is_some())
-                        .all(|e| e.shape[1] % t.ggml().block_size() == 0)
-                })
-                .map(|t| t.as_str())
-                .collect();
-            let options = if fits.is_empty() {
-                "no ternary GGUF type fits this model (TQ1_0/TQ2_0 need rows that are multiples of 256 weights, I2_S of 128); keep the .bpk".to_string()
-            } else {
-                format!(
-                    "--gguf-type {} fits every row of this model",
-                    fits.join(" or ")
-                )
-            };
-            return Err(GgufExportError::Block {
-                path,
-                tensor: e.name.clone(),
-                k,
-                block,
-                ty: ty.as_str(),
-                options,
-            }
-            .into());
-        }
-    }
+    check_rows(
+        &path,
+        h.tensors
+            .iter()
+            .filter(|e| e.encoding.ternary().is_some())
+            .map(|e| (e.name.as_str(), e.shape[1])),
+        ty,
+    )?;
     fsio::check_output(out, force, std::slice::from_ref(&file.path))?;
 
     let m = &h.model;
@@ -340,8 +358,19 @@ pub fn export_gguf(
         }
         _ => false,
     };
-    let vocabulary = carried
-        || match tokenizer_dir.map(|d| d.join("tokenizer.json")) {
+    const NO_VOCAB: &str = "the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab): runtimes take token ids only";
+    let vocabulary = if carried {
+        let model = kv
+            .iter()
+            .find(|(k, _)| k == "tokenizer.ggml.model")
+            .map(|(_, v)| v.clone());
+        let real = !matches!(&model, Some(Value::String(m)) if m == "no_vocab" || m == "none");
+        if !real {
+            notes.push(format!("the source GGUF has no vocabulary, so {NO_VOCAB}"));
+        }
+        real
+    } else {
+        match tokenizer_dir.map(|d| d.join("tokenizer.json")) {
             Some(p) if fsio::stat(&p)?.is_some() => {
                 let bytes = fsio::read_capped(&p, crate::source::MAX_JSON_FILE, "tokenizer.json")?;
                 match vocab_kv(&bytes, m) {
@@ -350,14 +379,22 @@ pub fn export_gguf(
                         true
                     }
                     Err(why) => {
-                        notes.push(format!("{}: {why}; the GGUF has no vocabulary (tokenizer.ggml.model = no_vocab): runtimes take token ids only", p.display()));
+                        notes.push(format!("{}: {why}; {NO_VOCAB}", p.display()));
                         false
                     }
                 }
             }
-            _ => false,
-        };
-    if !vocabulary {
+            Some(p) => {
+                notes.push(format!("no {} to carry over, so {NO_VOCAB}", p.display()));
+                false
+            }
+            None => {
+                notes.push(format!("the source holds no vocabulary, so {NO_VOCAB}"));
+                false
+            }
+        }
+    };
+    if !carried && !vocabulary {
         kv.push((
             "tokenizer.ggml.model".into(),
             Value::String("no_vocab".into()),
@@ -422,11 +459,7 @@ fn write_tensor_chunks(
         // The trits of GGUF row `r` (a q/k row of llama.cpp's order comes from another HF row).
         let source_row = |r: usize| -> usize {
             if permute {
-                // permuted_row maps HF rows to GGUF rows; invert it within the head.
-                let (h, rr) = (r / m.head_dim, r % m.head_dim);
-                let half = m.head_dim / 2;
-                let (j, i) = (rr / 2, rr % 2);
-                h * m.head_dim + i * half + j
+                unpermuted_row(r, m.head_dim)
             } else {
                 r
             }
@@ -616,6 +649,16 @@ mod tests {
 
     /// The permutation llama.cpp's converter applies (reshape to [heads, 2, half], swap the
     /// last two axes), written from that description and compared.
+    #[test]
+    fn unpermuted_row_inverts_permuted_row() {
+        for hd in [2, 8, 64, 128] {
+            for row in 0..3 * hd {
+                assert_eq!(unpermuted_row(permuted_row(row, hd), hd), row);
+                assert_eq!(permuted_row(unpermuted_row(row, hd), hd), row);
+            }
+        }
+    }
+
     #[test]
     fn qk_permutation_matches_the_reshape() {
         let (heads, hd) = (3, 8);

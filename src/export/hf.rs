@@ -223,9 +223,16 @@ fn hf_config(
     let from_source = match source_dir.map(|d| d.join(CONFIG_FILE)) {
         Some(p) if fsio::stat(&p)?.is_some() => {
             let bytes = fsio::read_capped(&p, crate::source::MAX_JSON_FILE, "config.json")?;
-            serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .filter(|v| v.is_object())
+            // The source was read from this very file, so it is an object; say so if it no
+            // longer is rather than write another config silently.
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| std::io::Error::other(format!("{}: {e}", p.display())))?;
+            if !v.is_object() {
+                return Err(
+                    std::io::Error::other(format!("{}: not a JSON object", p.display())).into(),
+                );
+            }
+            Some(v)
         }
         _ => None,
     };

@@ -682,7 +682,11 @@ fn offline_projection(
     let sq = config.source_quantization.as_ref();
     let mode = sq.and_then(|q| q.quantization_mode.as_deref());
     let bitnet = sq.is_some_and(|q| q.quant_method == "bitnet");
-    let offline_floats = bitnet && mode == Some("offline");
+    // transformers' default mode is offline: with no quantization_mode, float weights that
+    // have a weight_scale beside them are offline trits; without one they are master weights.
+    let offline_floats = bitnet
+        && (mode == Some("offline")
+            || (mode.is_none() && found.contains_key(&hf_packed::scale_name(&spec.name))));
     if !packed && !offline_floats {
         // Master weights (or an unsupported dtype, reported by the caller).
         if matches!(info.dtype, safetensors::Dtype::I8) {
