@@ -467,7 +467,11 @@ fn validate_checks_other_architectures_as_containers() {
     let small = fixture("goldens/gguf/small.gguf");
     let o = bin(&["validate", s(&small)]);
     assert_eq!(code(&o), 1, "{}", stdout(&o));
-    assert!(stdout(&o).contains("bitnet.embedding_length"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("bitnet.embedding_length"),
+        "{}",
+        stdout(&o)
+    );
     // The same file as another architecture (same length, `falcon`) is a valid container.
     let mut bytes = std::fs::read(&small).unwrap();
     let at = bytes.windows(6).position(|w| w == b"bitnet").unwrap();

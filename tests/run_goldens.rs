@@ -115,6 +115,57 @@ fn incremental_decoding_equals_prefill() {
     }
     let s = compare_logits(&full, &step, model.config.vocab_size, 10.0);
     assert!(s.stats.rel_l2 < 1e-5 && s.top1_agreement == 1.0, "{s:?}");
+    // The head for the last position only (generation, bench) is that position's row of the
+    // full head, bit for bit, in prefill and in a decode step.
+    let vocab = model.config.vocab_size;
+    let mut cache = KvCache::for_model(&model);
+    let last = model.forward_last(&tokens, &mut cache).unwrap();
+    assert_eq!(last, full[full.len() - vocab..]);
+    let mut c1 = KvCache::for_model(&model);
+    let mut c2 = KvCache::for_model(&model);
+    model.forward(&tokens[..3], &mut c1, false).unwrap();
+    model.forward(&tokens[..3], &mut c2, false).unwrap();
+    let one = model.forward(&tokens[3..5], &mut c1, false).unwrap().logits;
+    assert_eq!(
+        model.forward_last(&tokens[3..5], &mut c2).unwrap(),
+        one[vocab..]
+    );
+}
+
+/// `bench` runs the packed model and reports what the issue asks for, as text and JSON; bad
+/// counts are refused with exit 2.
+#[test]
+fn bench_reports_prefill_and_decode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-2b4t-qat"), &bpk, &[]);
+    let p = bpk.to_str().unwrap();
+    let o = bin(&[
+        "bench",
+        p,
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--json",
+        "--no-memcpy",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in [
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "threads",
+        "prompt_tokens",
+        "gen_tokens",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert_eq!(v["decode_ms"].as_array().unwrap().len(), 4);
+    let o = bin(&["bench", p, "--gen-tokens", "0"]);
+    assert_eq!(code(&o), 2);
+    let o = bin(&["bench", p, "--prompt-tokens", "1000", "--no-memcpy"]);
+    assert_eq!(code(&o), 2, "beyond the context: {}", stderr(&o));
 }
 
 #[test]

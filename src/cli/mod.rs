@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a check failed (`validate`), 2 an error (usage, unreadable or
 //! malformed input, I/O).
 
+mod bench;
 mod convert;
 mod gguf_file;
 mod inspect;
@@ -51,6 +52,9 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Describe a .bpk or GGUF file: model, quantization, tensor table, sizes.
     Inspect(InspectArgs),
+    /// Measure the packed runner on a .bpk file: load, prefill, decode (tokens/s), bytes read
+    /// per token, memory-copy rate.
+    Bench(BenchArgs),
     /// Check every byte of a .bpk or GGUF file; exit 1 if anything is wrong.
     Validate(ValidateArgs),
     /// Dequantize a .bpk file into a safetensors file.
@@ -303,6 +307,27 @@ pub struct InspectArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A .bpk file.
+    pub file: PathBuf,
+    /// Prompt length of the prefill.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated greedily after the prompt (decode speed is their median).
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Skip measuring the memory-copy rate (and the decode floor it gives).
+    #[arg(long)]
+    pub no_memcpy: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ValidateArgs {
     /// A .bpk or GGUF file.
     pub file: PathBuf,
@@ -334,6 +359,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Validate(a) => validate::run(a),
         Command::Unpack(a) => unpack::run(a),
         Command::Run(a) => run::run(a),

@@ -181,7 +181,7 @@ fn generate<L: Linear>(
     let positions = (prompt_ids.len() + max_new_tokens).min(model.config.max_position_embeddings);
     crate::run::budget::check(&model.config, 1, positions, false)?;
     let mut cache = KvCache::for_model(model);
-    let mut logits = model.forward(&prompt_ids, &mut cache, false)?.logits;
+    let mut logits = model.forward_last(&prompt_ids, &mut cache)?;
     check_finite(&logits, vocab)?;
     let mut generated: Vec<u32> = Vec::new();
     let mut printed = String::new();
@@ -222,7 +222,7 @@ fn generate<L: Linear>(
         {
             break;
         }
-        logits = model.forward(&[next], &mut cache, false)?.logits;
+        logits = model.forward_last(&[next], &mut cache)?;
         check_finite(&logits, vocab)?;
     }
     // Whatever is left (a character the generation never completed).

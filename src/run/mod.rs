@@ -3,6 +3,7 @@
 //! ([`model`]).
 
 pub mod assemble;
+pub mod bench;
 pub mod budget;
 pub mod kernels;
 pub mod model;
@@ -49,4 +50,6 @@ pub enum RunError {
     Format(#[from] crate::format::FormatError),
     #[error(transparent)]
     Source(Box<crate::source::SourceError>),
+    #[error(transparent)]
+    Input(#[from] InputError),
 }

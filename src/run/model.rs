@@ -664,6 +664,28 @@ impl<L: Linear> Transformer<'_, L> {
         })
     }
 
+    /// [`Transformer::forward`] that computes the head for the last position only: what
+    /// generation needs. The head (vocabulary x hidden) is the largest matrix of a small model;
+    /// for an n-token prompt this saves n - 1 passes over it.
+    pub fn forward_last(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, InputError> {
+        let mut x = self.embed(tokens, cache.len)?;
+        let n = tokens.len();
+        let inv_freq = self.rope_inv_freq();
+        for (layer, state) in cache.layers.iter_mut().enumerate() {
+            let attn = self.attention_update(layer, &x, n, state, &inv_freq, &mut NoProbe);
+            x.iter_mut().zip(&attn).for_each(|(a, d)| *a += d);
+            let ffn = self.ffn_update(layer, &x, n, &mut NoProbe);
+            x.iter_mut().zip(&ffn).for_each(|(a, d)| *a += d);
+        }
+        cache.len += n;
+        let h = self.config.hidden_size;
+        Ok(self.head(&x[(n - 1) * h..], 1))
+    }
+
     /// Checks `tokens` for positions `start..` and returns their embeddings, `[n, hidden]`.
     pub fn embed(&self, tokens: &[u32], start: usize) -> Result<Vec<f32>, InputError> {
         let cfg = &self.config;
