@@ -411,6 +411,22 @@ fn hostile_gguf_inputs_are_refused() {
         assert!(stderr(&o).contains(needle), "{what}: {}", stderr(&o));
         assert!(!out.exists(), "{what}");
     }
+    // An F32 embedding value beyond f16, asked to be kept as f16: refused, naming the tensor.
+    let wide = rewrite("wide.gguf", &|_, ts| {
+        let (spec, data) = ts
+            .iter_mut()
+            .find(|(s, _)| s.name == "token_embd.weight")
+            .unwrap();
+        spec.ty = GgmlType::F32;
+        let mut v = vec![0.5f32; 256 * 400];
+        v[7] = 1e5;
+        *data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    });
+    let out = tmp.path().join("wide.bpk");
+    let o = bin(&["convert", s(&wide), "-o", s(&out), "--keep", "f16"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("token_embd.weight"), "{}", stderr(&o));
+    assert!(!out.exists());
     // A file that is not GGUF at all.
     let junk = tmp.path().join("junk.gguf");
     std::fs::write(&junk, b"GGUF\x03\x00\x00\x00garbage").unwrap();
@@ -481,4 +497,19 @@ fn validate_checks_other_architectures_as_containers() {
     std::fs::write(&other, &bytes).unwrap();
     let o = bin(&["validate", s(&other)]);
     assert_eq!(code(&o), 0, "{}", stdout(&o));
+}
+
+/// A model whose FFN activation is not the one its family's GGUF architecture runs (a 2B4T
+/// config that says SiLU) gets no GGUF: no runtime would compute it.
+#[test]
+fn gguf_refuses_an_activation_no_architecture_runs() {
+    let dir = copy_fixture("tiny-gguf-2b4t");
+    let p = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("\"relu2\"", "\"silu\"")).unwrap();
+    let out = dir.path().join("x.gguf");
+    let o = bin(&["convert", s(dir.path()), "-o", s(&out)]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("activation is silu"), "{}", stderr(&o));
+    assert!(!out.exists());
 }

@@ -246,6 +246,13 @@ fn contradicting_configs_are_refused() {
         open_err(bitlinear_floats.path()),
         SourceError::Offline { .. }
     ));
+    let bad_mode = edit_cfg("tiny-hf-packed-auto", &|v| {
+        v["quantization_config"]["quantization_mode"] = "Offline".into()
+    });
+    assert!(matches!(
+        open_err(bad_mode.path()),
+        SourceError::Offline { .. }
+    ));
     let unknown = edit_cfg("tiny-hf-packed-auto", &|v| {
         v["quantization_config"]["linear_class"] = "fancylinear".into()
     });

@@ -184,9 +184,22 @@ pub fn gguf_to_bpk(
             let target = plan.encoding.float().unwrap_or(FloatDtype::F32);
             let mut bad: Option<ConvertError> = None;
             w.write_tensor(None, |sink| {
+                let mut done = 0usize;
                 float_chunks(&g, info, &path, &mut |values| {
                     let mut bytes = Vec::with_capacity(values.len() * target.size());
                     encode_f32(target, values, &mut bytes);
+                    let mut back = vec![0f32; values.len()];
+                    decode_f32(target, &bytes, &mut back);
+                    if let Some(i) = back.iter().position(|x| !x.is_finite()) {
+                        return Err(std::io::Error::other(format!(
+                            "tensor `{}`: element {} is {}, beyond the range of {}; keep it as f32 (--keep f32)",
+                            info.name,
+                            done + i,
+                            values[i],
+                            target.as_str()
+                        )));
+                    }
+                    done += values.len();
                     sink.write_all(&bytes)
                 })
                 .map_err(|e| match e {

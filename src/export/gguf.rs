@@ -95,6 +95,15 @@ pub enum GgufExportError {
         index: usize,
         value: f32,
     },
+    #[error(
+        "{path}: tensor `{tensor}` has scale {scale}, which TQ blocks' fp16 stores as {stored}; use --gguf-type i2_s (an f32 scale) or keep the .bpk"
+    )]
+    Scale {
+        path: PathBuf,
+        tensor: String,
+        scale: f32,
+        stored: f32,
+    },
     #[error("{0}")]
     Write(#[from] crate::gguf::GgufWriteError),
 }
@@ -141,6 +150,19 @@ fn arch_of(m: &ModelConfig, path: &Path) -> Result<(Arch, Vec<String>), GgufExpo
             activation: "silu",
         },
     };
+    let computes = match m.hidden_act {
+        crate::model::Activation::Relu2 => "relu2",
+        crate::model::Activation::Silu => "silu",
+    };
+    if computes != arch.activation {
+        return Err(GgufExportError::Architecture {
+            path: path.to_path_buf(),
+            reason: format!(
+                "this model's FFN activation is {computes}, but GGUF architecture `{}` runs {}; no architecture a runtime knows computes this model, so no GGUF is written",
+                arch.name, arch.activation
+            ),
+        });
+    }
     if arch.name != "llama" {
         if !m.tie_word_embeddings {
             return Err(GgufExportError::Architecture {
@@ -481,6 +503,17 @@ fn write_tensor_chunks(
             i2_s::encode_tensor(&trits, k, scale, &mut out).map_err(|e| other(e.to_string()))?;
             return put(&out);
         }
+        // TQ blocks store the scale as fp16: refuse one it cannot hold to 1 part in 256.
+        let d = half::f16::from_f32(scale).to_f32();
+        if !(d > 0.0 && ((d - scale) / scale).abs() <= 1.0 / 256.0) {
+            return Err(GgufExportError::Scale {
+                path: path.to_path_buf(),
+                tensor: e.name.clone(),
+                scale,
+                stored: d,
+            }
+            .into());
+        }
         let (row_bytes, encode): (usize, TqEncode) = if ty == GgufTernary::Tq2_0 {
             (
                 tq2_0::row_bytes(k).map_err(|e| other(e.to_string()))?,
@@ -587,11 +620,10 @@ fn vocab_kv(bytes: &[u8], m: &ModelConfig) -> Result<Vec<(String, Value)>, Strin
         .iter()
         .map(|mg| match mg {
             serde_json::Value::String(s) => Ok(s.clone()),
-            serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
-                "{} {}",
-                p[0].as_str().unwrap_or_default(),
-                p[1].as_str().unwrap_or_default()
-            )),
+            serde_json::Value::Array(p) if p.len() == 2 => match (p[0].as_str(), p[1].as_str()) {
+                (Some(a), Some(b)) => Ok(format!("{a} {b}")),
+                _ => Err("a merge pair holds something other than two strings".to_string()),
+            },
             _ => Err("a merge is neither \"a b\" nor [a, b]".to_string()),
         })
         .collect::<Result<_, _>>()?;
@@ -611,11 +643,21 @@ fn vocab_kv(bytes: &[u8], m: &ModelConfig) -> Result<Vec<(String, Value)>, Strin
             Value::Array(Array::String(merges)),
         ),
     ];
+    let id = |what: &str, t: u64| -> Result<Value, String> {
+        if t < m.vocab_size as u64 {
+            Ok(Value::U32(t as u32))
+        } else {
+            Err(format!(
+                "config.json's {what} {t} is beyond the vocabulary of {}",
+                m.vocab_size
+            ))
+        }
+    };
     if let Some(b) = m.bos_token_id {
-        kv.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b as u32)));
+        kv.push(("tokenizer.ggml.bos_token_id".into(), id("bos_token_id", b)?));
     }
     if let Some(&e) = m.eos_token_ids.first() {
-        kv.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e as u32)));
+        kv.push(("tokenizer.ggml.eos_token_id".into(), id("eos_token_id", e)?));
     }
     Ok(kv)
 }
@@ -628,6 +670,9 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// with a pre-tokenizer that would split differently (and so tokenize differently).
 fn pre_tokenizer_name(pre: &serde_json::Value) -> Result<&'static str, String> {
     if pre["type"] == "ByteLevel" && pre["use_regex"] != false {
+        if pre["add_prefix_space"] == true {
+            return Err("its byte-level pre-tokenizer adds a prefix space, which llama.cpp's gpt-2 pre-tokenizer does not".into());
+        }
         return Ok("gpt-2");
     }
     if pre["type"] == "Sequence"

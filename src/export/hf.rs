@@ -277,9 +277,14 @@ fn hf_config(
 /// A transformers config for `m` written from scratch (the source's config.json is not at
 /// hand, e.g. when exporting a .bpk file).
 fn synthesized_config(m: &ModelConfig) -> serde_json::Value {
-    let (model_type, act) = match m.family {
-        Family::Llama => ("llama", "silu"),
-        _ => ("bitnet", "relu2"),
+    let model_type = match m.family {
+        Family::Llama => "llama",
+        _ => "bitnet",
+    };
+    // The activation the model computes (a config may override its family's).
+    let act = match m.hidden_act {
+        crate::model::Activation::Relu2 => "relu2",
+        crate::model::Activation::Silu => "silu",
     };
     let mut v = serde_json::json!({
         "architectures": [m.architecture],

@@ -681,6 +681,14 @@ fn offline_projection(
     let packed = matches!(info.dtype, safetensors::Dtype::U8);
     let sq = config.source_quantization.as_ref();
     let mode = sq.and_then(|q| q.quantization_mode.as_deref());
+    if let Some(m) = mode
+        && m != "offline"
+        && m != "online"
+    {
+        return Err(offline(format!(
+            "quantization_config.quantization_mode `{m}` is not offline or online (transformers accepts only these)"
+        )));
+    }
     let bitnet = sq.is_some_and(|q| q.quant_method == "bitnet");
     // transformers' default mode is offline: with no quantization_mode, float weights that
     // have a weight_scale beside them are offline trits; without one they are master weights.
