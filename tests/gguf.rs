@@ -193,6 +193,11 @@ fn round_trip_keeps_every_trit() {
 #[test]
 fn gguf_py_reads_what_we_write() {
     let Some(py) = std::env::var_os("BITNET_PACK_GGUF_PY") else {
+        // CI sets BITNET_PACK_REQUIRE_GGUF_PY, so that there this check cannot be skipped.
+        assert!(
+            std::env::var_os("BITNET_PACK_REQUIRE_GGUF_PY").is_none(),
+            "BITNET_PACK_REQUIRE_GGUF_PY is set but BITNET_PACK_GGUF_PY is not"
+        );
         eprintln!("skipped: set BITNET_PACK_GGUF_PY to a Python with the gguf package");
         return;
     };
