@@ -518,3 +518,23 @@ fn gguf_refuses_an_activation_no_architecture_runs() {
     assert!(stderr(&o).contains("activation is silu"), "{}", stderr(&o));
     assert!(!out.exists());
 }
+
+/// `--compress` and `--threads` apply to a GGUF import as to any conversion: the compressed
+/// file validates and holds the same tensors.
+#[test]
+fn gguf_import_honours_compress_and_threads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = tmp.path().join("m.gguf");
+    run(&["convert", s(&fixture("tiny-gguf-bitnet")), "-o", s(&g)]);
+    let (a, b) = (tmp.path().join("a.bpk"), tmp.path().join("b.bpk"));
+    convert_ok(&g, &a, &[]);
+    convert_ok(&g, &b, &["--compress", "--threads", "1"]);
+    assert_eq!(code(&bin(&["validate", s(&b)])), 0);
+    let (fa, fb) = (BpkFile::open(&a).unwrap(), BpkFile::open(&b).unwrap());
+    let mut compressed = 0;
+    for (x, y) in fa.header.tensors.iter().zip(&fb.header.tensors) {
+        assert_eq!(fa.raw(x).unwrap(), fb.raw(y).unwrap(), "{}", x.name);
+        compressed += usize::from(y.compression != x.compression);
+    }
+    assert!(compressed > 0);
+}

@@ -371,6 +371,20 @@ fn hf_export_refuses_what_transformers_cannot_run() {
         stderr(&o)
     );
     assert!(!dir.exists());
+    // Projection rows not in fours (tiny-awkward's intermediate size is 135, so gate_proj and
+    // up_proj have 135 rows): refused before the work, naming the tensor.
+    let dir = tmp.path().join("out");
+    let o = bin(&[
+        "convert",
+        fixture("tiny-awkward").to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--to",
+        "hf",
+    ]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("not a multiple of 4"), "{}", stderr(&o));
+    assert!(!dir.exists());
     // A non-empty target directory is refused.
     let full = tempfile::tempdir().unwrap();
     std::fs::write(full.path().join("keep"), b"x").unwrap();

@@ -133,7 +133,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     }
     if a.src.extension().is_some_and(|x| x == "gguf") {
         bar.finish_and_clear();
-        return import_gguf(&a, &opts, to, class, gguf_type, gguf_embed);
+        return with_threads(a.threads, || {
+            import_gguf(&a, &opts, to, class, gguf_type, gguf_embed)
+        })?;
     }
     let export_gguf_from = |ckpt: &Checkpoint, tmp: &Path| -> Result<(), ConvertError> {
         let file = hub_file(tmp, &a.src)?;
@@ -185,6 +187,23 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             }
             ToArg::Hf => {
                 crate::fsio::check_new_dir(&a.output)?;
+                // transformers' packed layout needs output rows in fours: checked before the
+                // work, from the checkpoint's shapes (and again on the file).
+                let ckpt = Checkpoint::open(&a.src)?;
+                if let Some(t) = ckpt
+                    .tensors
+                    .iter()
+                    .find(|t| t.spec.role.is_ternary() && t.spec.shape[0] % 4 != 0)
+                {
+                    return Err(ConvertError::Output {
+                        error: format!(
+                            "{}: tensor `{}` has {} output rows, not a multiple of 4, which transformers' packed layout needs",
+                            a.src.display(),
+                            t.spec.name,
+                            t.spec.shape[0]
+                        ),
+                    });
+                }
                 ("--to hf: transformers' BitNet layers", &export_hf_from)
             }
         };
@@ -420,6 +439,7 @@ fn import_gguf(
     let io = GgufImportOptions {
         layout: opts.layout,
         keep: opts.keep,
+        compress: opts.compress,
         force: a.force,
     };
     let context = || format!("could not convert {}", a.src.display());

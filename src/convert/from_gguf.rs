@@ -32,6 +32,8 @@ pub struct GgufImportOptions {
     pub layout: TernaryLayout,
     /// Element type of embedding and head (`None`: as stored; Q8_0 becomes f32).
     pub keep: Option<FloatDtype>,
+    /// zstd-compress the non-ternary tensors.
+    pub compress: bool,
     pub force: bool,
 }
 
@@ -127,7 +129,11 @@ pub fn gguf_to_bpk(
                 Encoding::from_float(float_target(i.ty, s.shape.len(), opts.keep))
             },
             shape: s.shape.iter().map(|&d| d as u64).collect(),
-            compression: Default::default(),
+            compression: if opts.compress && !s.role.is_ternary() {
+                crate::format::header::Compression::Zstd
+            } else {
+                crate::format::header::Compression::None
+            },
         })
         .collect();
     let sha = sha256_file(src)?;
@@ -185,6 +191,8 @@ pub fn gguf_to_bpk(
             let mut bad: Option<ConvertError> = None;
             w.write_tensor(None, |sink| {
                 let mut done = 0usize;
+                let mut out =
+                    super::float_writer(target, opts.compress, info.numel() as usize, sink)?;
                 float_chunks(&g, info, &path, &mut |values| {
                     let mut bytes = Vec::with_capacity(values.len() * target.size());
                     encode_f32(target, values, &mut bytes);
@@ -200,7 +208,7 @@ pub fn gguf_to_bpk(
                         )));
                     }
                     done += values.len();
-                    sink.write_all(&bytes)
+                    out.write_all(&bytes)
                 })
                 .map_err(|e| match e {
                     FloatErr::Io(e) => e,
@@ -208,7 +216,8 @@ pub fn gguf_to_bpk(
                         bad = Some(c);
                         std::io::Error::other("a non-finite value")
                     }
-                })
+                })?;
+                out.flush()
             })
             .map_err(|e| bad.take().unwrap_or_else(|| write_err(e)))?;
         }

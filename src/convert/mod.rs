@@ -494,7 +494,7 @@ pub fn gain_of(
 
 /// A writer into the sink that zstd-compresses if asked (`total` elements of `target`,
 /// declared to the compressor so that readers can check the length up front).
-fn float_writer<'s>(
+pub(crate) fn float_writer<'s>(
     target: FloatDtype,
     compress: bool,
     total: usize,
