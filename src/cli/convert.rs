@@ -180,8 +180,8 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
                         .map(|t| (t.spec.name.as_str(), t.spec.shape[1] as u64)),
                     gguf_type,
                 )
-                .map_err(|e| ConvertError::Output {
-                    error: e.to_string(),
+                .map_err(|e| ConvertError::Refused {
+                    reason: e.to_string(),
                 })?;
                 ("GGUF output: llama.cpp and bitnet.cpp", &export_gguf_from)
             }
@@ -195,8 +195,8 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
                     .iter()
                     .find(|t| t.spec.role.is_ternary() && t.spec.shape[0] % 4 != 0)
                 {
-                    return Err(ConvertError::Output {
-                        error: format!(
+                    return Err(ConvertError::Refused {
+                        reason: format!(
                             "{}: tensor `{}` has {} output rows, not a multiple of 4, which transformers' packed layout needs",
                             a.src.display(),
                             t.spec.name,
@@ -210,8 +210,8 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
         // Fail before the work if options ask for what the target runtime cannot compute
         // (checked again on the file, which also catches a scheme config.json declares).
         if let Some(flag) = extended_flag(&a) {
-            return Err(ConvertError::Output {
-                error: format!(
+            return Err(ConvertError::Refused {
+                reason: format!(
                     "{flag} cannot be combined with {runtime} run BitNet b1.58 only (int8 per-token activations, no online transforms, float attention); write a .bpk instead"
                 ),
             });

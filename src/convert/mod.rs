@@ -64,6 +64,9 @@ pub enum ConvertError {
     Scheme(#[from] SchemeError),
     #[error("could not write the output: {error}")]
     Output { error: String },
+    /// The output cannot be made as asked (found before any work).
+    #[error("{reason}")]
+    Refused { reason: String },
     #[error(transparent)]
     File(#[from] FileError),
     #[error("{path}: {error}")]
