@@ -1,18 +1,20 @@
 //! Micro-benchmark of the ternary dot kernels alone, one thread: GMAC/s (weights times
-//! activations per second) and packed GB/s of `run::kernels::dot` for each layout on the
-//! projection shapes of BitNet b1.58 2B4T, int8 activations (and int4 with `dot_small`).
+//! activations per second) and packed GB/s, for each layout, each instruction-set build the
+//! CPU has (`run::kernels::Isa`), one token (`dot_with`, decoding) and a tile of four
+//! (`dot_multi_with`, prefill), on the projection shapes of BitNet b1.58 2B4T, int8
+//! activations.
 //!
 //! cargo run --release --example bench_kernels -- [--reps 5] [--mib 256]
 //!
 //! Two regimes per shape: `cached`, 64 rows swept again and again (L2-resident, compute
 //! bound), and `streamed`, as many rows as fill `--mib` MiB of i2 bytes, each read once per
-//! sweep (memory bound, as in decoding). Best of `--reps` timings (of 2000 sweeps when cached).
+//! sweep (memory bound, as in decoding). Best of `--reps` timings (of 500 sweeps when cached).
 
 use std::time::Instant;
 
 use bitnet_pack::pack::TernaryLayout;
 use bitnet_pack::quant::{ACTIVATION_EPS, ActQuant};
-use bitnet_pack::run::kernels::{dot, dot_small, padded_len};
+use bitnet_pack::run::kernels::{Isa, TILE, dot_multi_with, dot_with, padded_len};
 
 struct Lcg(u64);
 impl Lcg {
@@ -33,32 +35,42 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Best seconds per sweep of `dot` over every row (timing `inner` sweeps together, best of
-/// `reps`), and the checksum of one sweep.
-fn sweep(
+/// One kernel configuration to time.
+struct Case<'a> {
+    isa: Isa,
     layout: TernaryLayout,
-    data: &[u8],
+    data: &'a [u8],
     k: usize,
-    q: &[i8],
-    small: bool,
-    (reps, inner): (usize, usize),
-) -> (f64, i64) {
-    let row_bytes = layout.row_bytes(k);
-    let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
+    /// `tokens` quantized tokens, `padded_len` apart.
+    q: &'a [i8],
+    tokens: usize,
+}
+
+/// Best seconds per sweep over every row (timing `inner` sweeps together, best of `reps`),
+/// and the checksum of one sweep.
+fn sweep(c: &Case<'_>, (reps, inner): (usize, usize)) -> (f64, i64) {
+    let row_bytes = c.layout.row_bytes(c.k);
+    let padded = padded_len(c.layout, c.k);
+    let sums: Vec<i32> =
+        c.q.chunks_exact(padded)
+            .map(|t| t.iter().map(|&v| i32::from(v)).sum())
+            .collect();
     let mut best = f64::MAX;
     let mut check = 0i64;
+    let mut out = [0i32; TILE];
     for _ in 0..reps {
         let t = Instant::now();
         for _ in 0..inner {
             let mut acc = 0i64;
-            for row in data.chunks_exact(row_bytes) {
-                let q = std::hint::black_box(q);
-                let d = if small {
-                    dot_small(layout, row, q, q_sum, k)
+            for row in c.data.chunks_exact(row_bytes) {
+                let q = std::hint::black_box(c.q);
+                if c.tokens == 1 {
+                    acc += i64::from(dot_with(c.isa, c.layout, row, q, sums[0], c.k));
                 } else {
-                    dot(layout, row, q, q_sum, k)
-                };
-                acc += i64::from(d);
+                    let o = &mut out[..c.tokens];
+                    dot_multi_with(c.isa, c.layout, row, q, padded, &sums, c.k, o);
+                    acc += o.iter().map(|&v| i64::from(v)).sum::<i64>();
+                }
             }
             check = std::hint::black_box(acc);
         }
@@ -73,35 +85,23 @@ fn main() {
     let mib = arg(&args, "--mib", 256);
     let mut rng = Lcg(1);
     println!(
-        "{:<8} {:<6} {:<9} {:<4} {:>7} {:>9} {:>8} {:>8}",
-        "k", "rows", "regime", "act", "layout", "bits/w", "GMAC/s", "GB/s"
+        "{:<6} {:<6} {:<9} {:>6} {:>7} {:>8} {:>8} {:>8}",
+        "k", "rows", "regime", "tokens", "layout", "isa", "GMAC/s", "GB/s"
     );
+    let act = ActQuant::Absmax8 {
+        eps: ACTIVATION_EPS,
+    };
     for k in [2560usize, 6912] {
         let rows_streamed = (mib << 20) / TernaryLayout::I2.row_bytes(k);
         for (regime, rows, reps) in [
-            ("cached", 64, (reps, 2000)),
+            ("cached", 64, (reps, 500)),
             ("streamed", rows_streamed, (reps, 1)),
         ] {
             let trits: Vec<i8> = (0..rows * k).map(|_| (rng.next() % 3) as i8 - 1).collect();
-            let x: Vec<f32> = (0..k)
+            let x: Vec<f32> = (0..TILE * k)
                 .map(|_| rng.next() as f32 / u32::MAX as f32 - 0.5)
                 .collect();
-            for (act_name, act, small) in [
-                (
-                    "a8",
-                    ActQuant::Absmax8 {
-                        eps: ACTIVATION_EPS,
-                    },
-                    false,
-                ),
-                (
-                    "a4",
-                    ActQuant::Absmean4 {
-                        eps: ACTIVATION_EPS,
-                    },
-                    true,
-                ),
-            ] {
+            for tokens in [1, TILE] {
                 let mut checks = Vec::new();
                 for layout in [TernaryLayout::I2, TernaryLayout::T5] {
                     let row_bytes = layout.row_bytes(k);
@@ -109,23 +109,39 @@ fn main() {
                     for (t, d) in trits.chunks_exact(k).zip(data.chunks_exact_mut(row_bytes)) {
                         layout.pack_row(t, d);
                     }
-                    let mut q = vec![0i8; padded_len(layout, k)];
-                    act.quantize(&x, &mut q);
-                    let (secs, check) = sweep(layout, &data, k, &q, small, reps);
-                    checks.push(check);
-                    println!(
-                        "{:<8} {:<6} {:<9} {:<4} {:>7} {:>9.4} {:>8.2} {:>8.2}",
-                        k,
-                        rows,
-                        regime,
-                        act_name,
-                        layout.as_str(),
-                        8.0 * row_bytes as f64 / k as f64,
-                        (rows * k) as f64 / secs / 1e9,
-                        data.len() as f64 / secs / 1e9,
-                    );
+                    let padded = padded_len(layout, k);
+                    let mut q = vec![0i8; tokens * padded];
+                    for (xt, qt) in x.chunks_exact(k).zip(q.chunks_exact_mut(padded)) {
+                        act.quantize(xt, qt);
+                    }
+                    for isa in Isa::available() {
+                        let case = Case {
+                            isa,
+                            layout,
+                            data: &data,
+                            k,
+                            q: &q,
+                            tokens,
+                        };
+                        let (secs, check) = sweep(&case, reps);
+                        checks.push(check);
+                        println!(
+                            "{:<6} {:<6} {:<9} {:>6} {:>7} {:>8} {:>8.2} {:>8.2}",
+                            k,
+                            rows,
+                            regime,
+                            tokens,
+                            layout.as_str(),
+                            isa.name(),
+                            (rows * k * tokens) as f64 / secs / 1e9,
+                            data.len() as f64 / secs / 1e9,
+                        );
+                    }
                 }
-                assert!(checks.windows(2).all(|w| w[0] == w[1]), "layouts disagree");
+                assert!(
+                    checks.windows(2).all(|w| w[0] == w[1]),
+                    "layouts or builds disagree"
+                );
             }
         }
     }

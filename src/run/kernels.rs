@@ -63,18 +63,171 @@ pub fn dot_trits_f32(layout: TernaryLayout, row: &[u8], x: &[f32]) -> f32 {
         .fold(0f32, |acc, (e, &v)| acc + trit(e) * v)
 }
 
-/// The dot-product kernel in use: AVX2 when the CPU has it, else the portable one.
+/// An instruction-set build of the integer kernels. Every build gives the same integers (the
+/// sums are exact); they differ only in speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 `maddubs` with 16-bit partial sums.
+    Avx2,
+    /// AVX-512 VNNI `vpdpbusd` (u8 x i8 products summed straight into i32 lanes) and, for
+    /// `t5`, VBMI byte table lookups in place of the digit arithmetic.
+    Avx512,
+}
+
+impl Isa {
+    /// Every build this CPU can run, the portable one first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if crate::num::cpu::has_avx2() {
+            v.push(Isa::Avx2);
+        }
+        if crate::num::cpu::has_avx512_vnni() {
+            v.push(Isa::Avx512);
+        }
+        v
+    }
+
+    /// The build in use: the fastest this CPU runs, unless the environment variable
+    /// `BITNET_PACK_KERNELS` names another (`portable`, `avx2` or `avx512`; one the CPU lacks
+    /// falls back to the fastest it has). Decided once per process.
+    pub fn active() -> Isa {
+        static ACTIVE: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let available = Isa::available();
+            let best = *available
+                .last()
+                .expect("the portable build is always there");
+            match std::env::var("BITNET_PACK_KERNELS").ok().as_deref() {
+                Some(name) => available
+                    .iter()
+                    .copied()
+                    .find(|isa| isa.name() == name)
+                    .unwrap_or(best),
+                None => best,
+            }
+        })
+    }
+
+    /// The name `BITNET_PACK_KERNELS` and `bench` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The dot-product kernel in use ([`Isa::active`]).
 /// `q` must come from [`crate::quant::ActQuant::quantize`] (so it never holds -128), padded to
 /// [`padded_len`], and `q_sum` must be its sum.
 pub fn dot(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+    dot_with(Isa::active(), layout, row, q, q_sum, k)
+}
+
+/// [`dot`] with a given build, which the CPU must support (one of [`Isa::available`]).
+pub fn dot_with(
+    isa: Isa,
+    layout: TernaryLayout,
+    row: &[u8],
+    q: &[i8],
+    q_sum: i32,
+    k: usize,
+) -> i32 {
     #[cfg(target_arch = "x86_64")]
-    {
-        if crate::num::cpu::has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked at run time just above).
+    match (isa, layout) {
+        (Isa::Portable, _) => {}
+        // One `i2` token is bound by memory, not arithmetic, and the AVX2 build streams it
+        // faster on the CPU measured (examples/bench_kernels.rs): the AVX-512 build serves
+        // `t5` (table lookups) and several tokens at once.
+        (Isa::Avx512, TernaryLayout::T5) => {
+            let mut out = [0i32; 1];
+            dot_multi_with(isa, layout, row, q, q.len(), &[q_sum], k, &mut out);
+            return out[0];
+        }
+        // AVX-512 brings nothing to the `i8` layout either.
+        (Isa::Avx2 | Isa::Avx512, _) => {
+            assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
+            // SAFETY: the CPU supports AVX2 (asserted just above).
             return unsafe { avx2::dot(layout, row, q, q_sum, k) };
         }
     }
+    let _ = isa;
     dot_portable(layout, row, q, q_sum, k)
+}
+
+/// Tokens one call of a multi-token kernel takes at most.
+pub const TILE: usize = 4;
+
+/// The multi-token kernel of prefill: `out[t] = sum_e trit[e] * q[t * stride + e]` for each of
+/// the `out.len()` (1..=[`TILE`]) tokens whose padded activations lie `stride` apart in `q`.
+/// A block of packed weights is decoded once into registers and applied to every token.
+/// `q_sums[t]` is the sum of token `t`'s activations. Same integers as [`dot_scalar`] per token.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_multi(
+    layout: TernaryLayout,
+    row: &[u8],
+    q: &[i8],
+    stride: usize,
+    q_sums: &[i32],
+    k: usize,
+    out: &mut [i32],
+) {
+    dot_multi_with(Isa::active(), layout, row, q, stride, q_sums, k, out)
+}
+
+/// [`dot_multi`] with a given build, which the CPU must support (one of [`Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn dot_multi_with(
+    isa: Isa,
+    layout: TernaryLayout,
+    row: &[u8],
+    q: &[i8],
+    stride: usize,
+    q_sums: &[i32],
+    k: usize,
+    out: &mut [i32],
+) {
+    let tokens = out.len();
+    assert!((1..=TILE).contains(&tokens) && q_sums.len() == tokens);
+    let padded = padded_len(layout, k);
+    assert!(stride >= padded && q.len() >= (tokens - 1) * stride + padded);
+    assert!(row.len() >= layout.row_bytes(k));
+    #[cfg(target_arch = "x86_64")]
+    match (isa, layout) {
+        (Isa::Avx512, TernaryLayout::I2 | TernaryLayout::T5) => {
+            assert!(
+                crate::num::cpu::has_avx512_vnni(),
+                "the CPU has no AVX-512 VNNI"
+            );
+            // SAFETY: the CPU supports the extensions (asserted just above); the lengths of
+            // `row` and `q` were checked above.
+            unsafe { avx512::dot_multi(layout, row, q, stride, k, out) };
+            for (o, s) in out.iter_mut().zip(q_sums) {
+                *o -= s;
+            }
+            return;
+        }
+        (Isa::Avx2, TernaryLayout::I2) => {
+            assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
+            // SAFETY: the CPU supports AVX2 (asserted just above); lengths checked above.
+            unsafe { avx2::dot_i2_multi(row, q, stride, k, out) };
+            for (o, s) in out.iter_mut().zip(q_sums) {
+                *o -= s;
+            }
+            return;
+        }
+        _ => {}
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        let qt = &q[t * stride..t * stride + padded];
+        *o = match isa {
+            Isa::Portable => dot_portable(layout, row, qt, q_sums[t], k),
+            _ => dot_with(isa, layout, row, qt, q_sums[t], k),
+        };
+    }
 }
 
 /// Largest activation magnitude [`dot_small`] takes (the int4 range is -8..=7).
@@ -84,15 +237,28 @@ pub const SMALL_ACTIVATION: i32 = 8;
 /// build keeps its partial sums in 16-bit lanes across up to [`SMALL_BLOCKS`] blocks before
 /// widening them, which small activations allow. Same result as [`dot_scalar`].
 pub fn dot_small(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+    dot_small_with(Isa::active(), layout, row, q, q_sum, k)
+}
+
+/// [`dot_small`] with a given build, which the CPU must support.
+pub fn dot_small_with(
+    isa: Isa,
+    layout: TernaryLayout,
+    row: &[u8],
+    q: &[i8],
+    q_sum: i32,
+    k: usize,
+) -> i32 {
     debug_assert!(q.iter().all(|&v| i32::from(v).abs() <= SMALL_ACTIVATION));
     #[cfg(target_arch = "x86_64")]
     {
-        if layout == TernaryLayout::I2 && crate::num::cpu::has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked at run time just above).
+        if isa == Isa::Avx2 && layout == TernaryLayout::I2 {
+            assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
+            // SAFETY: the CPU supports AVX2 (asserted just above).
             return unsafe { avx2::dot_i2_small(row, q, q_sum) };
         }
     }
-    dot(layout, row, q, q_sum, k)
+    dot_with(isa, layout, row, q, q_sum, k)
 }
 
 /// Blocks of 128 weights summed in 16-bit lanes before they are widened: each lane gains at
@@ -162,7 +328,7 @@ mod avx2 {
 
     /// Horizontal sum of eight i32 lanes.
     #[target_feature(enable = "avx2")]
-    fn hsum(v: __m256i) -> i32 {
+    pub(super) fn hsum(v: __m256i) -> i32 {
         let lo = _mm256_castsi256_si128(v);
         let hi = _mm256_extracti128_si256::<1>(v);
         let s = _mm_add_epi32(lo, hi);
@@ -334,6 +500,83 @@ mod avx2 {
         hsum(acc) - q_sum
     }
 
+    /// `out[t] = sum code * q_t` (without the `- q_sum` of the identity) over whole `i2`
+    /// blocks for `out.len()` (1..=4) tokens `stride` apart in `q`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `q` must hold `out.len()` tokens of `padded_len(I2, k)`
+    /// activations `stride` apart, and `row` the packed row.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i2_multi(row: &[u8], q: &[i8], stride: usize, k: usize, out: &mut [i32]) {
+        let blocks = k.div_ceil(i2::BLOCK);
+        debug_assert!(row.len() >= blocks * i2::BLOCK_BYTES);
+        debug_assert!(q.len() >= (out.len() - 1) * stride + blocks * i2::BLOCK);
+        // SAFETY (all four): the caller's contract.
+        match out.len() {
+            1 => out.copy_from_slice(&unsafe { i2_multi::<1>(row, q, stride, blocks) }),
+            2 => out.copy_from_slice(&unsafe { i2_multi::<2>(row, q, stride, blocks) }),
+            3 => out.copy_from_slice(&unsafe { i2_multi::<3>(row, q, stride, blocks) }),
+            _ => out.copy_from_slice(&unsafe { i2_multi::<4>(row, q, stride, blocks) }),
+        }
+    }
+
+    /// Blocks whose 16-bit partial sums [`i2_multi`] adds before widening: a block adds at
+    /// most 4 planes x 2 pairs x code 2 x 128 = 2,048 to a lane, so 15 blocks stay within an
+    /// i16; 8 leaves a margin.
+    const I2_BLOCKS_PER_WIDENING: usize = 8;
+
+    /// # Safety
+    /// See [`dot_i2_multi`]: `blocks` whole blocks of `row`, `T` tokens of `q`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn i2_multi<const T: usize>(
+        row: &[u8],
+        q: &[i8],
+        stride: usize,
+        blocks: usize,
+    ) -> [i32; T] {
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_si256(); T];
+        let (w_ptr, q_ptr) = (row.as_ptr(), q.as_ptr());
+        let mut start = 0;
+        while start < blocks {
+            let end = (start + I2_BLOCKS_PER_WIDENING).min(blocks);
+            let mut acc16 = [_mm256_setzero_si256(); T];
+            for b in start..end {
+                // SAFETY: block `b < blocks` lies within `row`; unaligned load.
+                let w = unsafe { _mm256_loadu_si256(w_ptr.add(b * i2::BLOCK_BYTES).cast()) };
+                let c = [
+                    _mm256_and_si256(w, mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask),
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask),
+                ];
+                for (t, a16) in acc16.iter_mut().enumerate() {
+                    // SAFETY: token `t < T`, block `b < blocks`: within `q` (caller's contract).
+                    let a = |p: usize| unsafe {
+                        _mm256_loadu_si256(
+                            q_ptr.add(t * stride + b * i2::BLOCK + p * i2::PLANE).cast(),
+                        )
+                    };
+                    let p01 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(c[0], a(0)),
+                        _mm256_maddubs_epi16(c[1], a(1)),
+                    );
+                    let p23 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(c[2], a(2)),
+                        _mm256_maddubs_epi16(c[3], a(3)),
+                    );
+                    *a16 = _mm256_add_epi16(*a16, _mm256_add_epi16(p01, p23));
+                }
+            }
+            for (a, a16) in acc.iter_mut().zip(acc16) {
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
+            }
+            start = end;
+        }
+        acc.map(|a| hsum(a))
+    }
+
     #[target_feature(enable = "avx2")]
     fn dot_i8(row: &[u8], q: &[i8], k: usize) -> i32 {
         let ones = _mm256_set1_epi16(1);
@@ -358,6 +601,189 @@ mod avx2 {
             .map(|(&w, &a)| i32::from(w as i8) * i32::from(a))
             .sum();
         hsum(acc) + tail
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use crate::pack::{TernaryLayout, i2, t5};
+
+    /// `T5_DIGITS[j][v]`: digit `j` of the stored byte `v` ([`t5::digit`]), for all 256 byte
+    /// values; the `t5` decoder looks codes up here instead of computing them.
+    static T5_DIGITS: [[u8; 256]; t5::TRITS_PER_BYTE] = {
+        let mut t = [[0u8; 256]; t5::TRITS_PER_BYTE];
+        let mut j = 0;
+        while j < t5::TRITS_PER_BYTE {
+            let mut v = 0;
+            while v < 256 {
+                t[j][v] = t5::digit(v as u8, j);
+                v += 1;
+            }
+            j += 1;
+        }
+        t
+    };
+
+    /// `out[t] = sum code * q_t` (without the `- q_sum` of the identity) for `out.len()`
+    /// (1..=4) tokens `stride` apart in `q`, `i2` or `t5` rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 F/BW/VL/VNNI/VBMI; `q` must hold `out.len()` tokens
+    /// of `padded_len(layout, k)` activations `stride` apart, and `row` the packed row.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    pub unsafe fn dot_multi(
+        layout: TernaryLayout,
+        row: &[u8],
+        q: &[i8],
+        stride: usize,
+        k: usize,
+        out: &mut [i32],
+    ) {
+        // SAFETY (every arm): the caller's contract.
+        unsafe {
+            match (layout, out.len()) {
+                (TernaryLayout::I2, 1) => out.copy_from_slice(&i2_multi::<1, 4>(row, q, stride, k)),
+                (TernaryLayout::I2, 2) => out.copy_from_slice(&i2_multi::<2, 2>(row, q, stride, k)),
+                (TernaryLayout::I2, 3) => out.copy_from_slice(&i2_multi::<3, 2>(row, q, stride, k)),
+                (TernaryLayout::I2, _) => out.copy_from_slice(&i2_multi::<4, 2>(row, q, stride, k)),
+                (_, 1) => out.copy_from_slice(&t5_multi::<1, 5>(row, q, stride, k)),
+                (_, 2) => out.copy_from_slice(&t5_multi::<2, 1>(row, q, stride, k)),
+                (_, 3) => out.copy_from_slice(&t5_multi::<3, 1>(row, q, stride, k)),
+                (_, _) => out.copy_from_slice(&t5_multi::<4, 1>(row, q, stride, k)),
+            }
+        }
+    }
+
+    /// `i2`: per block, four masks and shifts give the code vectors of the four planes, and
+    /// each token takes four `vpdpbusd` (codes 0..=2 unsigned, activations signed, exact i32
+    /// sums). `A` accumulators per token break the dependency chains.
+    ///
+    /// # Safety
+    /// See [`dot_multi`].
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    unsafe fn i2_multi<const T: usize, const A: usize>(
+        row: &[u8],
+        q: &[i8],
+        stride: usize,
+        k: usize,
+    ) -> [i32; T] {
+        let blocks = k.div_ceil(i2::BLOCK);
+        debug_assert!(row.len() >= blocks * i2::BLOCK_BYTES);
+        debug_assert!(q.len() >= (T - 1) * stride + blocks * i2::BLOCK);
+        let mask = _mm256_set1_epi8(3);
+        let mut acc = [[_mm256_setzero_si256(); A]; T];
+        let (w_ptr, q_ptr) = (row.as_ptr(), q.as_ptr());
+        for b in 0..blocks {
+            // SAFETY: block `b < blocks` lies within `row`; unaligned load.
+            let w = unsafe { _mm256_loadu_si256(w_ptr.add(b * i2::BLOCK_BYTES).cast()) };
+            let c = [
+                _mm256_and_si256(w, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask),
+            ];
+            for (t, at) in acc.iter_mut().enumerate() {
+                for (p, &cp) in c.iter().enumerate() {
+                    // SAFETY: token `t < T`, block `b < blocks`: within `q`.
+                    let a = unsafe {
+                        _mm256_loadu_si256(
+                            q_ptr.add(t * stride + b * i2::BLOCK + p * i2::PLANE).cast(),
+                        )
+                    };
+                    at[p % A] = _mm256_dpbusd_epi32(at[p % A], cp, a);
+                }
+            }
+        }
+        acc.map(|at| {
+            let sum = at
+                .into_iter()
+                .fold(_mm256_setzero_si256(), |s, v| _mm256_add_epi32(s, v));
+            super::avx2::hsum(sum)
+        })
+    }
+
+    /// `t5`: two whole blocks (64 bytes) at a time in 512-bit vectors. Digit `j` of every byte
+    /// is looked up in a 256-entry table held in four registers: `vpermi2b` indexes 128
+    /// entries by the low seven bits, once for each half of the table, and the top bit picks
+    /// between the two. Each token then takes one `vpdpbusd` per digit against the two
+    /// blocks' 32 activations of that digit. An odd last whole block runs in the low half of
+    /// the vectors with zeros above it; a short last block goes through the scalar tail.
+    ///
+    /// # Safety
+    /// See [`dot_multi`].
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    unsafe fn t5_multi<const T: usize, const A: usize>(
+        row: &[u8],
+        q: &[i8],
+        stride: usize,
+        k: usize,
+    ) -> [i32; T] {
+        let full = k / t5::BLOCK;
+        debug_assert!(row.len() >= t5::row_bytes(k));
+        debug_assert!(q.len() >= (T - 1) * stride + super::padded_len(TernaryLayout::T5, k));
+        // SAFETY: each table row is 256 bytes: four unaligned 64-byte loads.
+        let tables: [[__m512i; 4]; t5::TRITS_PER_BYTE] = std::array::from_fn(|j| {
+            std::array::from_fn(|h| unsafe {
+                _mm512_loadu_si512(T5_DIGITS[j].as_ptr().add(64 * h).cast())
+            })
+        });
+        let mut acc = [[_mm512_setzero_si512(); A]; T];
+        let (w_ptr, q_ptr) = (row.as_ptr(), q.as_ptr());
+        // One step over the 64 bytes `w`: `$a(t, j)` gives token `t`'s activations of digit `j`.
+        macro_rules! step {
+            ($w:expr, $a:expr) => {{
+                let w = $w;
+                let high = _mm512_movepi8_mask(w);
+                for (j, tab) in tables.iter().enumerate() {
+                    let low_half = _mm512_permutex2var_epi8(tab[0], w, tab[1]);
+                    let high_half = _mm512_permutex2var_epi8(tab[2], w, tab[3]);
+                    let c = _mm512_mask_blend_epi8(high, low_half, high_half);
+                    for (t, at) in acc.iter_mut().enumerate() {
+                        at[j % A] = _mm512_dpbusd_epi32(at[j % A], c, $a(t, j));
+                    }
+                }
+            }};
+        }
+        for pair in 0..full / 2 {
+            let base = pair * 2 * t5::BLOCK;
+            // SAFETY: blocks 2 pair and 2 pair + 1 are whole blocks of `row`, and their
+            // activations lie within each token's padded activations.
+            step!(
+                unsafe { _mm512_loadu_si512(w_ptr.add(pair * 2 * t5::BLOCK_BYTES).cast()) },
+                |t: usize, j: usize| unsafe {
+                    let p = q_ptr.add(t * stride + base + j * t5::BLOCK_BYTES);
+                    let lo = _mm256_loadu_si256(p.cast());
+                    let hi = _mm256_loadu_si256(p.add(t5::BLOCK).cast());
+                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                }
+            );
+        }
+        if full % 2 == 1 {
+            let b = full - 1;
+            // SAFETY: block `b` is a whole block of `row`; its activations lie within each
+            // token's. The upper halves are zero: byte 0 decodes to code 0, activations 0.
+            step!(
+                _mm512_zextsi256_si512(unsafe {
+                    _mm256_loadu_si256(w_ptr.add(b * t5::BLOCK_BYTES).cast())
+                }),
+                |t: usize, j: usize| unsafe {
+                    let p = q_ptr.add(t * stride + b * t5::BLOCK + j * t5::BLOCK_BYTES);
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(p.cast()))
+                }
+            );
+        }
+        let tail = &row[full * t5::BLOCK_BYTES..t5::row_bytes(k)];
+        let mut out = [0i32; T];
+        for (t, (o, at)) in out.iter_mut().zip(acc).enumerate() {
+            let sum = at
+                .into_iter()
+                .fold(_mm512_setzero_si512(), |s, v| _mm512_add_epi32(s, v));
+            let qt = &q[t * stride + full * t5::BLOCK..];
+            *o = _mm512_reduce_add_epi32(sum) + super::t5_tail(tail, qt);
+        }
+        out
     }
 }
 
@@ -416,8 +842,67 @@ mod tests {
                     assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
                     assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
                     assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
+                    for isa in Isa::available() {
+                        let got = dot_with(isa, layout, &row, &q, q_sum, k);
+                        assert_eq!(got, want, "{what} {isa:?}");
+                        if act == A4 {
+                            let got = dot_small_with(isa, layout, &row, &q, q_sum, k);
+                            assert_eq!(got, want, "{what} {isa:?} small");
+                        }
+                    }
                     if act == A4 {
                         assert_eq!(dot_small(layout, &row, &q, q_sum, k), want, "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The multi-token kernels of every build against [`dot_scalar`] token by token: 1 to 4
+    /// tokens, strides with and without slack, int8 (down to -128, which the unsigned-code
+    /// kernels take) and int4 activations, awkward and real row lengths.
+    #[test]
+    fn multi_token_kernels_equal_the_scalar_reference() {
+        let mut rng = Lcg(1234);
+        let random_k: Vec<usize> = (0..6).map(|_| 1 + rng.next() as usize % 3000).collect();
+        for layout in TernaryLayout::ALL {
+            for &k in [
+                1usize, 31, 127, 128, 129, 159, 160, 161, 319, 320, 321, 480, 481, 2560, 6912,
+            ]
+            .iter()
+            .chain(&random_k)
+            {
+                let padded = padded_len(layout, k);
+                for (tokens, slack, range) in [(1, 0, 256), (2, 7, 256), (3, 0, 16), (4, 33, 256)] {
+                    let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+                    let mut row = vec![0u8; layout.row_bytes(k)];
+                    layout.pack_row(&trits, &mut row);
+                    let stride = padded + slack;
+                    let mut q = vec![0i8; (tokens - 1) * stride + padded];
+                    for t in 0..tokens {
+                        for v in &mut q[t * stride..t * stride + k] {
+                            *v = ((rng.next() % range) as i32 - (range / 2) as i32) as i8;
+                            // The i8 layout's sign trick needs -128 kept out (as `dot` says).
+                            if layout == TernaryLayout::I8 {
+                                *v = (*v).max(-127);
+                            }
+                        }
+                    }
+                    let want: Vec<i32> = (0..tokens)
+                        .map(|t| dot_scalar(layout, &row, &q[t * stride..], k))
+                        .collect();
+                    let sums: Vec<i32> = (0..tokens)
+                        .map(|t| {
+                            q[t * stride..t * stride + padded]
+                                .iter()
+                                .map(|&v| i32::from(v))
+                                .sum()
+                        })
+                        .collect();
+                    for isa in Isa::available() {
+                        let mut got = vec![0i32; tokens];
+                        dot_multi_with(isa, layout, &row, &q, stride, &sums, k, &mut got);
+                        assert_eq!(got, want, "{layout:?} k={k} tokens={tokens} {isa:?}");
                     }
                 }
             }
@@ -456,11 +941,15 @@ mod tests {
                     q[k..].fill(0);
                     let q_sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
                     let want = i32::from(t) * i32::from(a) * k as i32;
-                    assert_eq!(
-                        dot_small(layout, &row, &q, q_sum, k),
-                        want,
-                        "{layout:?} k={k}"
-                    );
+                    for isa in Isa::available() {
+                        let got = dot_small_with(isa, layout, &row, &q, q_sum, k);
+                        assert_eq!(got, want, "{layout:?} k={k} {isa:?}");
+                        let mut multi = [0i32; 2];
+                        let n = padded_len(layout, k);
+                        let q2 = [&q[..], &q[..]].concat();
+                        dot_multi_with(isa, layout, &row, &q2, n, &[q_sum; 2], k, &mut multi);
+                        assert_eq!(multi, [want; 2], "{layout:?} k={k} {isa:?} multi");
+                    }
                 }
             }
         }
@@ -483,6 +972,14 @@ mod tests {
                     assert_eq!(dot_scalar(layout, &row, &q, k), want, "{what}");
                     assert_eq!(dot_portable(layout, &row, &q, q_sum, k), want, "{what}");
                     assert_eq!(dot(layout, &row, &q, q_sum, k), want, "{what}");
+                    for isa in Isa::available() {
+                        assert_eq!(dot_with(isa, layout, &row, &q, q_sum, k), want, "{what}");
+                        let mut multi = [0i32; 4];
+                        let n = padded_len(layout, k);
+                        let q4 = [&q[..], &q[..], &q[..], &q[..]].concat();
+                        dot_multi_with(isa, layout, &row, &q4, n, &[q_sum; 4], k, &mut multi);
+                        assert_eq!(multi, [want; 4], "{what} {isa:?} multi");
+                    }
                 }
             }
         }
@@ -511,6 +1008,10 @@ mod tests {
             let q_sum: i32 = q.iter().map(|&a| i32::from(a)).sum();
             let want = dot_scalar(TernaryLayout::T5, &row, &q, k);
             assert_eq!(dot(TernaryLayout::T5, &row, &q, q_sum, k), want, "v={v}");
+            for isa in Isa::available() {
+                let got = dot_with(isa, TernaryLayout::T5, &row, &q, q_sum, k);
+                assert_eq!(got, want, "v={v} {isa:?}");
+            }
             assert_eq!(
                 dot_portable(TernaryLayout::T5, &row, &q, q_sum, k),
                 want,

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::RunError;
 use super::assemble::{Parts, assemble};
-use super::kernels::{dot, dot_small, dot_trits_f32, padded_len};
+use super::kernels::{TILE, dot, dot_multi, dot_small, dot_trits_f32, padded_len};
 use super::model::{FloatMatrix, Linear, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::WeightRule;
@@ -76,20 +76,46 @@ impl Linear for TernaryLinear<'_> {
                 .for_each(|(r, o)| *o = self.output(r, &q, sums[0], factors[0]));
             return;
         }
-        // Several tokens: each worker takes a row and runs every token through it, so a row's
-        // bytes are read once per call.
+        // Several tokens: workers take chunks of rows small enough to stay in L2, and run
+        // every tile of up to TILE tokens over each row of their chunk with the multi-token
+        // kernel, so a block of packed weights is decoded once per tile rather than once per
+        // token, and a chunk's bytes come from memory once per call.
+        let chunk = chunk_rows(rows, self.row_bytes, rayon::current_num_threads());
         let mut yt = vec![0f32; rows * n];
-        yt.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
-            for (t, o) in out.iter_mut().enumerate() {
-                *o = self.output(r, &q[t * padded..(t + 1) * padded], sums[t], factors[t]);
-            }
-        });
+        yt.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(c, out)| {
+                let first = c * chunk;
+                let mut dots = [0i32; TILE];
+                for t0 in (0..n).step_by(TILE) {
+                    let tokens = TILE.min(n - t0);
+                    let qt = &q[t0 * padded..(t0 + tokens) * padded];
+                    for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                        let r = first + i;
+                        let row = &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
+                        let d = &mut dots[..tokens];
+                        dot_multi(self.layout, row, qt, padded, &sums[t0..t0 + tokens], k, d);
+                        for (j, &v) in d.iter().enumerate() {
+                            o[t0 + j] = v as f32 * factors[t0 + j];
+                        }
+                    }
+                }
+            });
         for t in 0..n {
             for r in 0..rows {
                 y[t * rows + r] = yt[r * n + t];
             }
         }
     }
+}
+
+/// Rows per chunk of a multi-token projection: at most 256 KiB of packed rows (a share of
+/// the L2 cache that every token tile reuses), and at least 8 chunks per worker thread so that
+/// the work spreads evenly.
+fn chunk_rows(rows: usize, row_bytes: usize, threads: usize) -> usize {
+    let by_cache = (256 * 1024 / row_bytes.max(1)).max(1);
+    let by_balance = rows.div_ceil(8 * threads.max(1)).max(1);
+    by_cache.min(by_balance)
 }
 
 /// Loads a model from a .bpk file. The whole file is validated first (checksums, codes, finite
