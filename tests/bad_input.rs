@@ -357,6 +357,7 @@ fn options() -> ConvertOptions {
     ConvertOptions {
         layout: TernaryLayout::I2,
         keep: None,
+        q8_outputs: false,
         compress: false,
         force: false,
         scheme: Default::default(),

@@ -101,7 +101,7 @@ fn inspect_shows_the_t5_encoding_and_its_bits_per_weight() {
     let o = bin(&["inspect", s(&t5), "--json"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(v["format_version"], "1.2");
+    assert_eq!(v["format_version"], "1.3");
     let q = v["tensors"]
         .as_array()
         .unwrap()

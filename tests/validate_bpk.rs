@@ -124,8 +124,12 @@ fn each_kind_of_damage_is_named() {
     b[8] = 2;
     expect(b, "UnsupportedVersion");
     let mut b = clean.clone();
-    b[12] = 4;
+    b[12] = 8;
     expect(b, "UnknownFlags");
+    // Bit 2 (q8_0) is known since 1.3: set on a file without q8_0 tensors, it disagrees.
+    let mut b = clean.clone();
+    b[12] = 4;
+    expect(b, "BlockQ8FlagMismatch");
     // Bit 1 is known (some tensor uses t5), but this file's tensors are i2.
     let mut b = clean.clone();
     b[12] = 2;

@@ -38,7 +38,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             KeepArg::F32 => Some(FloatDtype::F32),
             KeepArg::F16 => Some(FloatDtype::F16),
             KeepArg::Bf16 => Some(FloatDtype::Bf16),
+            KeepArg::Q8 => None,
         },
+        q8_outputs: matches!(a.keep, KeepArg::Q8),
         compress: a.compress,
         force: a.force,
         scheme: SchemeOptions {

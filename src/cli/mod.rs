@@ -179,6 +179,9 @@ pub enum KeepArg {
     F32,
     F16,
     Bf16,
+    /// `convert` only: the embedding and the head as q8_0 (blocks of 32 int8 values with an
+    /// f16 scale, GGML's Q8_0); norms keep their source type.
+    Q8,
 }
 
 /// Element type of unpacked tensors.

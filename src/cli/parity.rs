@@ -177,6 +177,16 @@ fn human(r: &ParityReport) -> String {
             )
         }
     );
+    if let Some(c) = &r.float_cost {
+        let _ = writeln!(
+            s,
+            "cost of the file's narrower float tensors (the source model with them vs with its own; largest unit roundoff {:.1e}): logits rel L2 {:.3e}, KL {:.3e}, top-1 agreement {:.1}%",
+            r.floats.narrowing,
+            c.stats.rel_l2,
+            c.kl,
+            100.0 * c.top1_agreement
+        );
+    }
     let _ = writeln!(
         s,
         "(flips/near: activations that rounded to a neighbouring quantization step in the two paths / that sat within float rounding of a rounding boundary)"

@@ -13,7 +13,7 @@ pub fn run(a: RotateArgs) -> anyhow::Result<ExitCode> {
         KeepArg::F32 => FloatDtype::F32,
         KeepArg::F16 => FloatDtype::F16,
         KeepArg::Bf16 => FloatDtype::Bf16,
-        KeepArg::Source => bail!("--dtype takes f32, f16 or bf16"),
+        KeepArg::Source | KeepArg::Q8 => bail!("--dtype takes f32, f16 or bf16"),
     };
     let opts = RotateOptions {
         seed: a.seed,

@@ -30,14 +30,17 @@ use serde::Serialize;
 use super::{LogitsStats, PACKED_VS_QAT, Stats, Tolerances, compare, compare_logits};
 use crate::convert::scheme::{self, SchemeOptions};
 use crate::convert::{Job, jobs};
-use crate::format::BpkFile;
 use crate::format::header::QuantScheme;
+use crate::format::header::TensorEntry;
 use crate::format::header::same_quantizer;
+use crate::format::{BpkFile, Encoding};
 use crate::model::{ModelConfig, Role};
 use crate::num::FloatDtype;
 use crate::num::digest::sha256_file;
 use crate::num::dtype::{decode_f32, encode_f32};
+use crate::pack::q8;
 use crate::quant::ActQuant;
+use crate::run::model::MatrixType;
 use crate::run::packed::TernaryLinear;
 use crate::run::{
     InputError, KvCache, Linear, Probe, RunError, Site, SourceMode, Transformer, packed, source,
@@ -80,6 +83,12 @@ pub struct ParityReport {
     pub head: Stats,
     /// The free-running packed model's logits vs the source's.
     pub logits: LogitsStats,
+    /// What the file's narrower float tensors (`--keep f16`, `--keep q8`) cost the source
+    /// model itself: its logits with the file's float tensors against its logits with its own
+    /// (KL, top-1), apart from the ternary arithmetic. Absent when the file keeps the
+    /// source's floats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub float_cost: Option<LogitsStats>,
     /// The tolerances of the verdict (`None` for the informational `fp` comparison).
     pub tolerances: Option<Tolerances>,
     pub verdict: Verdict,
@@ -439,7 +448,7 @@ pub fn check_floats(
         let Some(e) = file.tensor(&job.spec.name) else {
             continue;
         };
-        let Some(stored) = e.encoding.float() else {
+        let Some(stored) = Stored::of(e) else {
             continue;
         };
         check.tensors += 1;
@@ -451,8 +460,13 @@ pub fn check_floats(
         } else {
             t.dtype
         };
-        if stored != from && stored != FloatDtype::F32 {
-            check.narrowing = check.narrowing.max(2f64.powi(-precision_bits(stored)));
+        match stored {
+            Stored::Float(d) if d != from && d != FloatDtype::F32 => {
+                check.narrowing = check.narrowing.max(2f64.powi(-precision_bits(d)));
+            }
+            // Half a step of 1/127 of the block's largest magnitude.
+            Stored::Q8 => check.narrowing = check.narrowing.max(1.0 / 254.0),
+            Stored::Float(_) => {}
         }
         let raw = file.raw(e)?;
         let mismatch = match &expected.rotation {
@@ -466,8 +480,8 @@ pub fn check_floats(
                     })?;
                 let mut tally = Tally::new(&job.spec.name, stored);
                 crate::convert::rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |start, v| {
-                    let ps = stored.size();
-                    let p = raw.get(start * ps..(start + v.len()) * ps).unwrap_or(&[]);
+                    let range = stored.bytes_of(start)..stored.bytes_of(start + v.len());
+                    let p = raw.get(range).unwrap_or(&[]);
                     tally.add(start, v, p);
                     Ok(())
                 })
@@ -482,16 +496,68 @@ pub fn check_floats(
     Ok(check)
 }
 
+/// How the file stores a float tensor, as parity checks it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Float(FloatDtype),
+    /// `q8_0` blocks: the source's values quantized the way [`crate::pack::q8`] does.
+    Q8,
+}
+
+impl Stored {
+    fn of(e: &TensorEntry) -> Option<Stored> {
+        match (e.encoding.float(), e.encoding) {
+            (Some(d), _) => Some(Stored::Float(d)),
+            (None, Encoding::Q8) => Some(Stored::Q8),
+            _ => None,
+        }
+    }
+
+    /// Stored bytes of the first `n` elements (for `q8_0`, `n` is a multiple of 32).
+    fn bytes_of(self, n: usize) -> usize {
+        match self {
+            Stored::Float(d) => n * d.size(),
+            Stored::Q8 => n / q8::BLOCK * q8::BLOCK_BYTES,
+        }
+    }
+
+    /// `values` (a multiple of 32 for `q8_0`) in this encoding.
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            Stored::Float(d) => encode_f32(d, values, out),
+            Stored::Q8 => {
+                out.resize(self.bytes_of(values.len()), 0);
+                q8::quantize_row(values, out);
+            }
+        }
+    }
+
+    /// The values of encoded bytes (NaN for a missing tail).
+    fn decode(self, bytes: &[u8], n: usize) -> Vec<f32> {
+        let mut v = vec![f32::NAN; n];
+        let whole = match self {
+            Stored::Float(d) => bytes.len() / d.size(),
+            Stored::Q8 => bytes.len() / q8::BLOCK_BYTES * q8::BLOCK,
+        }
+        .min(n);
+        match self {
+            Stored::Float(d) => decode_f32(d, &bytes[..whole * d.size()], &mut v[..whole]),
+            Stored::Q8 => q8::dequantize_row(&bytes[..self.bytes_of(whole)], &mut v[..whole]),
+        }
+        v
+    }
+}
+
 /// Counts stored values that differ from the expected ones rounded to the stored type.
 struct Tally<'n> {
     name: &'n str,
-    stored: FloatDtype,
+    stored: Stored,
     found: Option<FloatMismatch>,
     enc: Vec<u8>,
 }
 
 impl<'n> Tally<'n> {
-    fn new(name: &'n str, stored: FloatDtype) -> Self {
+    fn new(name: &'n str, stored: Stored) -> Self {
         Tally {
             name,
             stored,
@@ -502,27 +568,21 @@ impl<'n> Tally<'n> {
 
     /// `values` (expected, f32) against `packed` (stored bytes), starting at element `start`.
     fn add(&mut self, start: usize, values: &[f32], packed: &[u8]) {
-        let ps = self.stored.size();
         self.enc.clear();
-        encode_f32(self.stored, values, &mut self.enc);
+        self.stored.encode(values, &mut self.enc);
         if self.enc == packed {
             return;
         }
-        for (i, a) in self.enc.chunks_exact(ps).enumerate() {
-            let b = packed.get(i * ps..(i + 1) * ps).unwrap_or(&[]);
-            if a != b {
-                let mut back = [0f32];
-                if b.len() == ps {
-                    decode_f32(self.stored, b, &mut back);
-                } else {
-                    back[0] = f32::NAN;
-                }
+        let want = self.stored.decode(&self.enc, values.len());
+        let got = self.stored.decode(packed, values.len());
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            if a.to_bits() != b.to_bits() {
                 let m = self.found.get_or_insert(FloatMismatch {
                     name: self.name.to_string(),
                     count: 0,
                     first_index: (start + i) as u64,
                     source_value: values[i],
-                    packed_value: back[0],
+                    packed_value: *b,
                 });
                 m.count += 1;
             }
@@ -534,20 +594,20 @@ fn first_float_mismatch(
     ckpt: &Checkpoint,
     t: &SourceTensor,
     name: &str,
-    stored: FloatDtype,
+    stored: Stored,
     raw: &[u8],
 ) -> Option<FloatMismatch> {
     const CHUNK: usize = 1 << 16;
     let src = ckpt.bytes(t);
-    let (ss, ps) = (t.dtype.size(), stored.size());
+    let ss = t.dtype.size();
     let mut vals = vec![0f32; CHUNK];
     let mut tally = Tally::new(name, stored);
     for (c, (s, p)) in src
         .chunks(CHUNK * ss)
-        .zip(raw.chunks(CHUNK * ps))
+        .zip(raw.chunks(stored.bytes_of(CHUNK)))
         .enumerate()
     {
-        if t.dtype == stored && s == p {
+        if stored == Stored::Float(t.dtype) && s == p {
             continue;
         }
         let n = s.len() / ss;
@@ -715,15 +775,18 @@ pub fn parity(
         ckpt.config.vocab_size,
     );
     // End to end against the source itself (its own floats).
-    let source_logits = if adopted {
+    let vocab = ckpt.config.vocab_size;
+    let (source_logits, float_cost) = if adopted {
         let pure_model = source::load(ckpt, against, &expected.scheme)?;
         let pure = pure_model.forward(tokens, &mut KvCache::for_model(&pure_model), true)?;
         for (b, hs) in blocks.iter_mut().zip(&pure.hidden) {
             b.end_to_end = compare(hs, &free.hidden[b.layer], h);
         }
-        pure.logits
+        let narrowed = reference.forward(tokens, &mut KvCache::for_model(&reference), true)?;
+        let cost = compare_logits(&pure.logits, &narrowed.logits, vocab, margin);
+        (pure.logits, Some(cost))
     } else {
-        reference_logits
+        (reference_logits, None)
     };
     let logits = compare_logits(&source_logits, &free.logits, ckpt.config.vocab_size, margin);
     let mut report = ParityReport {
@@ -736,6 +799,7 @@ pub fn parity(
         blocks,
         head,
         logits,
+        float_cost,
         tolerances,
         verdict: Verdict {
             pass: true,
@@ -760,20 +824,24 @@ fn adopt_floats<'a, L>(
 ) -> bool {
     let mut adopted = false;
     for e in &file.header.tensors {
-        let Some(stored) = e.encoding.float() else {
+        let Some(stored) = Stored::of(e) else {
             continue;
+        };
+        let stored = match stored {
+            Stored::Float(d) => MatrixType::Float(d),
+            Stored::Q8 => MatrixType::Q8,
         };
         if floats.mismatches.iter().any(|m| m.name == e.name) {
             continue;
         }
         let layer = e.layer.map(|l| l as usize);
         let changed = match (e.role, layer) {
-            (Role::Embedding, _) if reference.embed.dtype != stored => {
+            (Role::Embedding, _) if reference.embed.ty != stored => {
                 reference.embed = packed.embed.borrowed();
                 true
             }
             (Role::LmHead, _) => match (&mut reference.lm_head, &packed.lm_head) {
-                (Some(r), Some(p)) if r.dtype != stored => {
+                (Some(r), Some(p)) if r.ty != stored => {
                     *r = p.borrowed();
                     true
                 }

@@ -125,11 +125,20 @@ pub fn gguf_to_bpk(
             layer: s.layer.map(|l| l as u32),
             encoding: if s.role.is_ternary() {
                 Encoding::from_layout(opts.layout)
+            } else if i.ty == GgmlType::Q8_0
+                && opts.keep.is_none()
+                && matches!(s.role, Role::Embedding | Role::LmHead)
+            {
+                // Kept as the same blocks: .bpk's q8_0 is GGML's Q8_0 byte for byte.
+                Encoding::Q8
             } else {
                 Encoding::from_float(float_target(i.ty, s.shape.len(), opts.keep))
             },
             shape: s.shape.iter().map(|&d| d as u64).collect(),
-            compression: if opts.compress && !s.role.is_ternary() {
+            compression: if opts.compress
+                && !s.role.is_ternary()
+                && !(i.ty == GgmlType::Q8_0 && opts.keep.is_none())
+            {
                 crate::format::header::Compression::Zstd
             } else {
                 crate::format::header::Compression::None
@@ -185,6 +194,19 @@ pub fn gguf_to_bpk(
                     .then_some(model.head_dim),
             )?;
             w.write_tensor(Some(a), |sink| sink.write_all(&packed))
+                .map_err(write_err)?;
+        } else if plan.encoding == Encoding::Q8 {
+            let data = g.tensor_data(info);
+            if let Some((block, value)) = crate::pack::q8::check_row(data) {
+                return Err(ConvertError::Refused {
+                    reason: format!(
+                        "{}: tensor `{}` has Q8_0 block {block} with scale {value}, not a finite number >= 0",
+                        path.display(),
+                        info.name
+                    ),
+                });
+            }
+            w.write_tensor(None, |sink| sink.write_all(data))
                 .map_err(write_err)?;
         } else {
             let target = plan.encoding.float().unwrap_or(FloatDtype::F32);

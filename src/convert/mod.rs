@@ -30,7 +30,7 @@ use crate::model::{ModelConfig, Role, TensorSpec, expected_tensors};
 use crate::num::FloatDtype;
 use crate::num::digest::sha256_file;
 use crate::num::dtype::{decode_f32, encode_f32, first_non_finite};
-use crate::pack::TernaryLayout;
+use crate::pack::{TernaryLayout, q8};
 use crate::quant::AbsmeanScale;
 use crate::quant::rows::{row_abs_sum, row_ternarize};
 use crate::source::{CONFIG_FILE, Checkpoint, SourceError, SourceTensor};
@@ -47,6 +47,8 @@ pub struct ConvertOptions {
     pub layout: TernaryLayout,
     /// Element type for non-ternary tensors; `None` keeps each tensor's source type.
     pub keep: Option<FloatDtype>,
+    /// Store the embedding and the head as `q8_0` blocks (`--keep q8`; norms keep `keep`).
+    pub q8_outputs: bool,
     /// zstd-compress non-ternary tensors.
     pub compress: bool,
     /// Overwrite an existing output file.
@@ -195,6 +197,7 @@ fn convert_inner(
         ),
         None => None,
     };
+    check_q8(&model, opts)?;
     let jobs = jobs(&ckpt, &model)?;
     let plans: Vec<TensorPlan> = jobs.iter().map(|j| plan(j, opts)).collect();
     let config_sha = sha256_file(&ckpt.dir.join(CONFIG_FILE))?;
@@ -280,10 +283,14 @@ fn options_record(opts: &ConvertOptions) -> BTreeMap<String, String> {
         ("layout".to_string(), opts.layout.as_str().to_string()),
         (
             "keep".to_string(),
-            opts.keep
-                .map(|d| d.as_str())
-                .unwrap_or("source")
-                .to_string(),
+            if opts.q8_outputs {
+                "q8".to_string()
+            } else {
+                opts.keep
+                    .map(|d| d.as_str())
+                    .unwrap_or("source")
+                    .to_string()
+            },
         ),
         ("compress".to_string(), opts.compress.to_string()),
     ]);
@@ -327,6 +334,8 @@ fn plan(j: &Job<'_>, opts: &ConvertOptions) -> TensorPlan {
     let ternary = j.spec.role.is_ternary();
     let encoding = if ternary {
         Encoding::from_layout(opts.layout)
+    } else if opts.q8_outputs && is_q8_role(j.spec.role) {
+        Encoding::Q8
     } else {
         Encoding::from_float(opts.keep.unwrap_or(j.source.dtype))
     };
@@ -336,12 +345,91 @@ fn plan(j: &Job<'_>, opts: &ConvertOptions) -> TensorPlan {
         layer: j.spec.layer.map(|l| l as u32),
         encoding,
         shape: j.spec.shape.iter().map(|&d| d as u64).collect(),
-        compression: if opts.compress && !ternary {
+        compression: if opts.compress && encoding.float().is_some() {
             Compression::Zstd
         } else {
             Compression::None
         },
     }
+}
+
+/// The tensors `--keep q8` stores as `q8_0`: the embedding and the head.
+fn is_q8_role(role: Role) -> bool {
+    matches!(role, Role::Embedding | Role::LmHead)
+}
+
+/// Refuses `--keep q8` before any work where a row of the embedding or head cannot be cut
+/// into whole blocks of 32.
+fn check_q8(model: &ModelConfig, opts: &ConvertOptions) -> Result<(), ConvertError> {
+    if opts.q8_outputs && model.hidden_size % q8::BLOCK != 0 {
+        return Err(ConvertError::Refused {
+            reason: format!(
+                "--keep q8 stores the embedding and the head in blocks of {} values per row, but hidden_size {} is not a multiple of {}; use --keep f16 (or source) for this model",
+                q8::BLOCK,
+                model.hidden_size,
+                q8::BLOCK
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the embedding or the head as `q8_0`, a chunk of whole rows at a time, the chunks
+/// quantized in parallel (`rotation`: the rotated values, as [`rotated_floats`] gives them).
+fn write_q8(
+    ckpt: &Checkpoint,
+    job: &Job<'_>,
+    rotation: Option<&Rotation>,
+    writer: &mut BpkWriter,
+    out: &Path,
+) -> Result<(), ConvertError> {
+    let t = job.source;
+    let path = || ckpt.shards[t.shard].path.clone();
+    let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
+        path: path(),
+        tensor: t.spec.name.clone(),
+        index: unravel(index, &t.spec.shape),
+        value,
+    };
+    let bytes = ckpt.bytes(t);
+    if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
+        return Err(non_finite(i, v));
+    }
+    let cols = job.spec.shape[1];
+    let quantize = |values: &[f32], enc: &mut Vec<u8>| {
+        enc.resize(values.len() / cols * q8::row_bytes(cols), 0);
+        enc.par_chunks_mut(q8::row_bytes(cols))
+            .zip(values.par_chunks(cols))
+            .for_each(|(o, v)| q8::quantize_row(v, o));
+    };
+    let mut enc = Vec::new();
+    match rotation {
+        None => {
+            let size = t.dtype.size();
+            let rows_per_chunk = (STREAM_CHUNK * 16 / cols).max(1);
+            let mut values = vec![0f32; rows_per_chunk * cols];
+            writer.write_tensor(None, |sink| {
+                for c in bytes.chunks(rows_per_chunk * cols * size) {
+                    let n = c.len() / size;
+                    decode_f32(t.dtype, c, &mut values[..n]);
+                    quantize(&values[..n], &mut enc);
+                    sink.write_all(&enc)?;
+                }
+                Ok(())
+            })
+        }
+        Some(rot) => {
+            let gain = gain_of(ckpt, job.spec.role, job.spec.layer)?;
+            writer.write_tensor(None, |sink| {
+                rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |_, values| {
+                    quantize(values, &mut enc);
+                    sink.write_all(&enc)
+                })
+            })
+        }
+    }
+    .map_err(|e| write_error(out, e))?;
+    Ok(())
 }
 
 fn write_tensors(
@@ -371,6 +459,12 @@ fn write_tensors(
             dtype: dtype.as_str(),
         };
         let role = job.spec.role;
+        if opts.q8_outputs && is_q8_role(role) {
+            write_q8(ckpt, job, rotation, writer, out)?;
+            ckpt.release(t);
+            progress(bytes.len() as u64);
+            continue;
+        }
         let target = opts.keep.unwrap_or(t.dtype);
         match (role.is_ternary(), rotation) {
             (true, None) if t.ternary.is_some() => {

@@ -17,8 +17,8 @@
 use std::path::{Path, PathBuf};
 
 use super::{UnpackError, check_valid};
-use crate::format::BpkFile;
 use crate::format::header::TensorEntry;
+use crate::format::{BpkFile, Encoding};
 use crate::fsio;
 use crate::gguf::{Array, GgmlType, Value};
 use crate::gguf::{GgufFileWriter, GgufPlan, TensorSpec};
@@ -217,6 +217,9 @@ pub fn gguf_name_of(role: Role, layer: Option<usize>) -> String {
 fn gguf_type(e: &TensorEntry, ty: GgufTernary, embed: FloatDtype) -> GgmlType {
     if e.encoding.ternary().is_some() {
         ty.ggml()
+    } else if e.encoding == Encoding::Q8 {
+        // The same bytes: a q8_0 row is a row of GGML Q8_0 blocks.
+        GgmlType::Q8_0
     } else if e.shape.len() == 1 {
         GgmlType::F32
     } else {
@@ -540,6 +543,14 @@ fn write_tensor_chunks(
                     },
                 )?;
             put(&out[..n * row_bytes])?;
+        }
+        return Ok(());
+    }
+    if e.encoding == Encoding::Q8 {
+        // Q8_0 in the GGUF too (see `gguf_type`): the stored blocks as they are. Embedding and
+        // head are never q/k-permuted.
+        for chunk in raw.chunks(STREAM_CHUNK * crate::pack::q8::BLOCK_BYTES) {
+            put(chunk)?;
         }
         return Ok(());
     }

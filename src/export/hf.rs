@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::safetensors::{PlannedTensor, write_safetensors};
 use super::{UnpackError, check_valid};
-use crate::format::BpkFile;
+use crate::format::{BpkFile, Encoding};
 use crate::fsio::{self, AtomicDir};
 use crate::model::{Family, ModelConfig};
 use crate::num::FloatDtype;
@@ -119,6 +119,14 @@ pub fn export_hf(
                 elem_size: d.size(),
                 shape,
             });
+        } else if e.encoding == Encoding::Q8 {
+            // HF has no q8_0: its values `d * q` are exact in f32.
+            planned.push(PlannedTensor {
+                name: e.name.clone(),
+                dtype: FloatDtype::F32.safetensors_name(),
+                elem_size: 4,
+                shape,
+            });
         }
     }
     let metadata = BTreeMap::from([
@@ -134,7 +142,7 @@ pub fn export_hf(
         if e.encoding.ternary().is_some() {
             order.push((e, false));
             order.push((e, true));
-        } else if e.encoding.float().is_some() {
+        } else if e.encoding.float().is_some() || e.encoding == Encoding::Q8 {
             order.push((e, false));
         }
     }
@@ -146,6 +154,18 @@ pub fn export_hf(
         |i, w| {
             let (e, is_scale) = order[i];
             let raw = file.raw(e).map_err(std::io::Error::other)?;
+            if e.encoding == Encoding::Q8 {
+                let k = e.shape[1] as usize;
+                let mut values = vec![0f32; k];
+                let mut bytes = Vec::with_capacity(4 * k);
+                for row in raw.chunks_exact(crate::pack::q8::row_bytes(k)) {
+                    crate::pack::q8::dequantize_row(row, &mut values);
+                    bytes.clear();
+                    crate::num::dtype::encode_f32(FloatDtype::F32, &values, &mut bytes);
+                    w.write_all(&bytes)?;
+                }
+                return Ok(());
+            }
             let Some(layout) = e.encoding.ternary() else {
                 return w.write_all(&raw);
             };
@@ -253,7 +273,12 @@ fn hf_config(
         .header
         .tensors
         .first()
-        .and_then(|e| e.encoding.float())
+        .and_then(|e| {
+            // A q8_0 embedding is exported as f32.
+            e.encoding
+                .float()
+                .or((e.encoding == Encoding::Q8).then_some(FloatDtype::F32))
+        })
         .unwrap_or(FloatDtype::Bf16);
     let key = if obj.contains_key("torch_dtype") && !obj.contains_key("dtype") {
         "torch_dtype"

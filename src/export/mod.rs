@@ -109,6 +109,18 @@ pub fn unpack(
                 }
                 put(&values)?;
             }
+        } else if e.encoding == crate::format::Encoding::Q8 {
+            let k = e.shape[1] as usize;
+            let rb = crate::pack::q8::row_bytes(k);
+            let rows_per_chunk = (STREAM_CHUNK / k).max(1);
+            let mut values = vec![0f32; rows_per_chunk * k];
+            for chunk in raw.chunks(rows_per_chunk * rb) {
+                let n = chunk.len() / rb * k;
+                for (src, dst) in chunk.chunks_exact(rb).zip(values.chunks_exact_mut(k)) {
+                    crate::pack::q8::dequantize_row(src, dst);
+                }
+                put(&values[..n])?;
+            }
         } else if let Some(src) = e.encoding.float() {
             let mut values = vec![0f32; STREAM_CHUNK];
             for chunk in raw.chunks(STREAM_CHUNK * src.size()) {

@@ -28,6 +28,12 @@ impl Header {
         self.tensors.iter().any(|t| t.encoding == Encoding::T5)
     }
 
+    /// Whether some tensor uses the `q8_0` encoding (1.3): then the preamble carries
+    /// [`crate::format::FLAG_BLOCK_Q8`].
+    pub fn uses_block_q8(&self) -> bool {
+        self.tensors.iter().any(|t| t.encoding == Encoding::Q8)
+    }
+
     /// The preamble flags this header calls for (§2.1).
     pub fn flags(&self) -> u32 {
         let mut flags = 0;
@@ -36,6 +42,9 @@ impl Header {
         }
         if self.uses_dense_ternary() {
             flags |= crate::format::FLAG_DENSE_TERNARY;
+        }
+        if self.uses_block_q8() {
+            flags |= crate::format::FLAG_BLOCK_Q8;
         }
         flags
     }
@@ -382,6 +391,10 @@ pub enum Encoding {
     F32,
     F16,
     Bf16,
+    /// Blocks of 32 int8 values with an f16 scale each, GGML's `Q8_0` (1.3; embedding and
+    /// head only, in files with [`crate::format::FLAG_BLOCK_Q8`]). See [`crate::pack::q8`].
+    #[serde(rename = "q8_0")]
+    Q8,
 }
 
 impl Encoding {
@@ -393,6 +406,7 @@ impl Encoding {
             Encoding::F32 => "f32",
             Encoding::F16 => "f16",
             Encoding::Bf16 => "bf16",
+            Encoding::Q8 => "q8_0",
         }
     }
 
@@ -443,7 +457,15 @@ impl Encoding {
                 rows.checked_mul(layout.row_bytes(k) as u64)
             }
             (None, Some(d)) => numel.checked_mul(d.size() as u64),
-            (None, None) => None,
+            (None, None) => {
+                // q8_0: 2-D, whole blocks of 32 per row.
+                let [rows, k] = shape else { return None };
+                if k % crate::pack::q8::BLOCK as u64 != 0 {
+                    return None;
+                }
+                rows.checked_mul(k / crate::pack::q8::BLOCK as u64)?
+                    .checked_mul(crate::pack::q8::BLOCK_BYTES as u64)
+            }
         }
     }
 }

@@ -40,7 +40,7 @@ pub const MAX_NAME_LEN: usize = 1024;
 /// The major version this build reads and writes (§2.1).
 pub const VERSION_MAJOR: u16 = 1;
 /// The minor version this build writes; it reads any minor of [`VERSION_MAJOR`] (§2.1).
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Preamble flag (§2, 1.1): the quantization scheme needs more than BitNet b1.58 (another
 /// activation rule or eps, per-site rules, online transforms, quantized attention states or a
 /// residual rotation); a reader that does not implement §3.2 of 1.1 must refuse the file.
@@ -48,8 +48,11 @@ pub const FLAG_EXTENDED_QUANT: u32 = 1;
 /// Preamble flag (§2, 1.2): some tensor uses the `t5` encoding (§5.3); a reader that does not
 /// implement it must refuse the file (a 1.0 or 1.1 reader does, as it refuses any bit but 0).
 pub const FLAG_DENSE_TERNARY: u32 = 2;
+/// Preamble flag (§2, 1.3): some tensor uses the `q8_0` encoding (§5.4); a reader that does
+/// not implement it must refuse the file (a 1.2 or older reader does, as it refuses bit 2).
+pub const FLAG_BLOCK_Q8: u32 = 4;
 /// Every flag this build understands.
-pub const KNOWN_FLAGS: u32 = FLAG_EXTENDED_QUANT | FLAG_DENSE_TERNARY;
+pub const KNOWN_FLAGS: u32 = FLAG_EXTENDED_QUANT | FLAG_DENSE_TERNARY | FLAG_BLOCK_Q8;
 /// Byte the header JSON is padded with (§3).
 pub const HEADER_PAD: u8 = b' ';
 

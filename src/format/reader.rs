@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::header::{Compression, Header, TensorEntry};
+use super::header::{Compression, Encoding, Header, TensorEntry};
 use super::{
     ALIGNMENT, FormatVersion, HEADER_PAD, MAX_HEADER_LEN, MAX_NAME_LEN, MAX_RANK, MAX_TENSORS,
     PREAMBLE_LEN, Preamble, data_offset_for,
 };
 use crate::fsio::FileError;
+use crate::model::Role;
 use crate::pack::CodeError;
 
 /// Something wrong with a .bpk file. Offsets are absolute byte offsets in the file.
@@ -37,7 +38,7 @@ pub enum FormatError {
     )]
     UnsupportedVersion { major: u16, minor: u16 },
     #[error(
-        "unknown flags {flags:#010x} at byte 12; this build knows only bits 0 and 1 (written by a newer tool?)"
+        "unknown flags {flags:#010x} at byte 12; this build knows only bits 0, 1 and 2 (written by a newer tool?)"
     )]
     UnknownFlags { flags: u32 },
     #[error("header length {header_len} (byte 16) exceeds the limit of {MAX_HEADER_LEN}")]
@@ -76,6 +77,21 @@ pub enum FormatError {
         if *uses_t5 { "a" } else { "no" }
     )]
     DenseFlagMismatch { flagged: bool, uses_t5: bool },
+    #[error(
+        "preamble flag bit 2 (q8_0 encoding) is {} but the header lists {} q8_0 tensor",
+        if *flagged { "set" } else { "clear" },
+        if *uses_q8 { "a" } else { "no" }
+    )]
+    BlockQ8FlagMismatch { flagged: bool, uses_q8: bool },
+    #[error(
+        "tensor `{name}`: row {row}, block {block} has scale {value} (a q8_0 scale must be a finite f16 >= 0)"
+    )]
+    BadBlockScale {
+        name: String,
+        row: u64,
+        block: u64,
+        value: f32,
+    },
     #[error("non-zero byte in {region} padding at byte {offset}")]
     NonZeroPadding { region: &'static str, offset: u64 },
     #[error(
@@ -328,6 +344,14 @@ impl BpkFile {
             }
         } else if let Some(dtype) = e.encoding.float() {
             crate::num::dtype::decode_f32(dtype, &raw, &mut out);
+        } else if e.encoding == Encoding::Q8 {
+            let k = e.shape[1] as usize;
+            for (dst, src) in out
+                .chunks_exact_mut(k)
+                .zip(raw.chunks_exact(crate::pack::q8::row_bytes(k)))
+            {
+                crate::pack::q8::dequantize_row(src, dst);
+            }
         }
         Ok(out)
     }
@@ -471,6 +495,11 @@ pub(crate) fn check_structure_per_entry(
     if flagged != uses_t5 {
         problems.push(FormatError::DenseFlagMismatch { flagged, uses_t5 });
     }
+    let flagged = c.preamble.flags & super::FLAG_BLOCK_Q8 != 0;
+    let uses_q8 = c.header.uses_block_q8();
+    if flagged != uses_q8 {
+        problems.push(FormatError::BlockQ8FlagMismatch { flagged, uses_q8 });
+    }
     let file_len = bytes.len() as u64;
     let header_end = PREAMBLE_LEN as u64 + c.preamble.header_len;
     let data_offset = data_offset_for(c.preamble.header_len).expect("header length is capped");
@@ -555,7 +584,9 @@ fn check_entry(e: &TensorEntry, names: &mut HashSet<String>, problems: &mut Vec<
         return;
     };
     let ternary = e.encoding.ternary().is_some();
-    if ternary != e.role.is_ternary() {
+    let q8_misplaced =
+        e.encoding == Encoding::Q8 && !matches!(e.role, Role::Embedding | Role::LmHead);
+    if ternary != e.role.is_ternary() || q8_misplaced {
         problems.push(FormatError::RoleEncoding {
             name: name(),
             role: e.role.as_str(),
@@ -568,10 +599,12 @@ fn check_entry(e: &TensorEntry, names: &mut HashSet<String>, problems: &mut Vec<
             expected: raw_len,
             found: e.length,
         }),
-        (Compression::Zstd, true) => problems.push(FormatError::CompressionNotAllowed {
-            name: name(),
-            encoding: e.encoding.as_str(),
-        }),
+        (Compression::Zstd, _) if ternary || e.encoding == Encoding::Q8 => {
+            problems.push(FormatError::CompressionNotAllowed {
+                name: name(),
+                encoding: e.encoding.as_str(),
+            })
+        }
         _ => {}
     }
     match (ternary, e.scale) {

@@ -284,6 +284,25 @@ fn check_data(
                 }
             }
         }
+    } else if e.encoding == crate::format::Encoding::Q8 {
+        let well_formed = e.shape.len() == 2 && !e.shape.contains(&0);
+        if well_formed && e.compression == Compression::None && stored.len() as u64 == raw_len {
+            let k = e.shape[1] as usize;
+            for (row, src) in stored
+                .chunks_exact(crate::pack::q8::row_bytes(k))
+                .enumerate()
+            {
+                if let Some((block, value)) = crate::pack::q8::check_row(src) {
+                    problems.push(FormatError::BadBlockScale {
+                        name: e.name.clone(),
+                        row: row as u64,
+                        block: block as u64,
+                        value,
+                    });
+                    break;
+                }
+            }
+        }
     } else if let Some(dtype) = e.encoding.float() {
         let result = match e.compression {
             Compression::None => scan_floats(&e.name, dtype, &mut &stored[..], raw_len),

@@ -5,6 +5,7 @@
 
 pub mod i2;
 pub mod i2_s;
+pub mod q8;
 pub mod t5;
 pub mod tq;
 pub mod tq1_0;

@@ -135,11 +135,7 @@ pub fn bench(path: &std::path::Path, opts: BenchOptions) -> Result<BenchReport, 
     let rate = if opts.memcpy { memcpy_rate() } else { None };
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
-        kernel: if crate::num::cpu::has_avx2() {
-            "avx2"
-        } else {
-            "portable"
-        },
+        kernel: crate::run::kernels::Isa::active().name(),
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
         open_ms,

@@ -15,6 +15,7 @@ use super::plan::QuantPlan;
 use crate::model::{Activation, ModelConfig, Role};
 use crate::num::FloatDtype;
 use crate::num::dtype::decode_f32;
+use crate::pack::q8;
 use crate::quant::attention::{KvCodec, fake_quant_query};
 use crate::transform::Hadamard;
 
@@ -25,10 +26,29 @@ pub trait Linear: Sync {
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
 }
 
-/// A float matrix `[rows, cols]` kept in its stored element type and decoded row by row
+/// How a [`FloatMatrix`] stores its elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatrixType {
+    /// Plain floats of this type.
+    Float(FloatDtype),
+    /// `q8_0` blocks ([`crate::pack::q8`]).
+    Q8,
+}
+
+impl MatrixType {
+    /// Bytes of one row of `cols` elements.
+    pub fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            MatrixType::Float(d) => cols * d.size(),
+            MatrixType::Q8 => q8::row_bytes(cols),
+        }
+    }
+}
+
+/// A float matrix `[rows, cols]` kept in its stored encoding and decoded row by row
 /// (embeddings and the output head).
 pub struct FloatMatrix<'a> {
-    pub dtype: FloatDtype,
+    pub ty: MatrixType,
     pub bytes: Cow<'a, [u8]>,
     pub rows: usize,
     pub cols: usize,
@@ -38,7 +58,7 @@ impl FloatMatrix<'_> {
     /// A view of the same matrix that borrows its bytes.
     pub fn borrowed(&self) -> FloatMatrix<'_> {
         FloatMatrix {
-            dtype: self.dtype,
+            ty: self.ty,
             bytes: Cow::Borrowed(&self.bytes),
             rows: self.rows,
             cols: self.cols,
@@ -47,34 +67,52 @@ impl FloatMatrix<'_> {
 
     /// Row `r` as f32.
     pub fn row(&self, r: usize, out: &mut [f32]) {
-        let size = self.dtype.size();
-        decode_f32(
-            self.dtype,
-            &self.bytes[r * self.cols * size..(r + 1) * self.cols * size],
-            out,
-        );
+        let rb = self.ty.row_bytes(self.cols);
+        let bytes = &self.bytes[r * rb..(r + 1) * rb];
+        match self.ty {
+            MatrixType::Float(d) => decode_f32(d, bytes, out),
+            MatrixType::Q8 => q8::dequantize_row(bytes, out),
+        }
+    }
+
+    /// `sum_c M[r, c] * x[c]` for one stored row.
+    #[inline]
+    fn dot(&self, w: &[u8], x: &[f32]) -> f32 {
+        match self.ty {
+            MatrixType::Float(d) => dot_row(d, w, x),
+            MatrixType::Q8 => q8::dot(w, x),
+        }
     }
 
     /// `y[t, r] = sum_c x[t, c] * M[r, c]` for `n` tokens, parallel over rows; f32 accumulation.
     ///
     /// For one token (decoding) each row is converted and multiplied in one pass over its bytes
-    /// ([`dot_row`]); for several tokens each row is converted once and reused. Both compute the
-    /// same sums in the same order, so the logits do not depend on how many tokens are batched.
+    /// ([`dot_row`], [`q8::dot`]); for several tokens each float row is converted once and
+    /// reused. Both compute the same sums in the same order, so the logits do not depend on
+    /// how many tokens are batched.
     pub fn matmul_t(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (rows, cols) = (self.rows, self.cols);
-        let row_bytes = cols * self.dtype.size();
+        let row_bytes = self.ty.row_bytes(cols);
         if n == 1 {
             y[..rows]
                 .par_iter_mut()
                 .zip(self.bytes.par_chunks(row_bytes))
                 .with_min_len(64)
-                .for_each(|(o, w)| *o = dot_row(self.dtype, w, &x[..cols]));
+                .for_each(|(o, w)| *o = self.dot(w, &x[..cols]));
             return;
         }
         let mut yt = vec![0f32; rows * n];
         yt.par_chunks_mut(n).enumerate().for_each_init(
             || vec![0f32; cols],
             |w, (r, out)| {
+                if self.ty == MatrixType::Q8 {
+                    // q8_0 rows are dotted in their own order (block scales outside the sums).
+                    let stored = &self.bytes[r * row_bytes..(r + 1) * row_bytes];
+                    for (t, o) in out.iter_mut().enumerate() {
+                        *o = q8::dot(stored, &x[t * cols..(t + 1) * cols]);
+                    }
+                    return;
+                }
                 self.row(r, w);
                 for (t, o) in out.iter_mut().enumerate() {
                     *o = dot_f32(w, &x[t * cols..(t + 1) * cols]);
@@ -951,7 +989,7 @@ mod tests {
         let mut bytes = Vec::new();
         encode_f32(FloatDtype::Bf16, &values(rows * cols, 5), &mut bytes);
         let m = FloatMatrix {
-            dtype: FloatDtype::Bf16,
+            ty: MatrixType::Float(FloatDtype::Bf16),
             bytes: Cow::Owned(bytes),
             rows,
             cols,
@@ -964,5 +1002,46 @@ mod tests {
             m.matmul_t(&x[t * cols..(t + 1) * cols], 1, &mut single);
             assert_eq!(single, batched[t * rows..(t + 1) * rows]);
         }
+    }
+
+    /// A q8_0 matrix: batched and single-token heads agree bit for bit, rows decode to the
+    /// dequantized values, and each output is the scalar reference dot.
+    #[test]
+    fn q8_matrix_rows_and_products() {
+        let (rows, cols, n) = (37, 160, 3);
+        let w = values(rows * cols, 5);
+        let mut bytes = vec![0u8; rows * q8::row_bytes(cols)];
+        for (r, b) in w
+            .chunks_exact(cols)
+            .zip(bytes.chunks_exact_mut(q8::row_bytes(cols)))
+        {
+            q8::quantize_row(r, b);
+        }
+        let m = FloatMatrix {
+            ty: MatrixType::Q8,
+            bytes: Cow::Owned(bytes.clone()),
+            rows,
+            cols,
+        };
+        let x = values(n * cols, 9);
+        let mut batched = vec![0f32; n * rows];
+        m.matmul_t(&x, n, &mut batched);
+        for t in 0..n {
+            let mut single = vec![0f32; rows];
+            m.matmul_t(&x[t * cols..(t + 1) * cols], 1, &mut single);
+            assert_eq!(single, batched[t * rows..(t + 1) * rows]);
+            for (r, &v) in single.iter().enumerate() {
+                let row = &bytes[r * q8::row_bytes(cols)..(r + 1) * q8::row_bytes(cols)];
+                let want = q8::dot_scalar(row, &x[t * cols..(t + 1) * cols]);
+                assert_eq!(v.to_bits(), want.to_bits());
+            }
+        }
+        let (mut got, mut want) = (vec![0f32; cols], vec![0f32; cols]);
+        m.row(5, &mut got);
+        q8::dequantize_row(
+            &bytes[5 * q8::row_bytes(cols)..6 * q8::row_bytes(cols)],
+            &mut want,
+        );
+        assert_eq!(got, want);
     }
 }

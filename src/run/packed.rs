@@ -8,10 +8,10 @@ use rayon::prelude::*;
 use super::RunError;
 use super::assemble::{Parts, assemble};
 use super::kernels::{TILE, dot, dot_multi, dot_small, dot_trits_f32, padded_len};
-use super::model::{FloatMatrix, Linear, Transformer};
+use super::model::{FloatMatrix, Linear, MatrixType, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::WeightRule;
-use crate::format::{BpkFile, TensorEntry, validate_bytes_into};
+use crate::format::{BpkFile, Encoding, TensorEntry, validate_bytes_into};
 use crate::model::Role;
 use crate::pack::TernaryLayout;
 use crate::quant::ActQuant;
@@ -181,11 +181,17 @@ impl<'a> Parts<'a> for FileParts<'a> {
 
     fn matrix(&self, role: Role) -> Result<FloatMatrix<'a>, RunError> {
         let e = self.find(role, None)?;
-        let dtype = e.encoding.float().ok_or_else(|| RunError::Missing {
-            what: format!("float data for {}", e.name),
-        })?;
+        let ty = match (e.encoding, e.encoding.float()) {
+            (_, Some(dtype)) => MatrixType::Float(dtype),
+            (Encoding::Q8, None) => MatrixType::Q8,
+            _ => {
+                return Err(RunError::Missing {
+                    what: format!("float data for {}", e.name),
+                });
+            }
+        };
         Ok(FloatMatrix {
-            dtype,
+            ty,
             bytes: self.file.raw(e)?,
             rows: e.shape[0] as usize,
             cols: e.shape[1] as usize,

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::RunError;
 use super::assemble::{Parts, assemble};
-use super::model::{FloatMatrix, Linear, Transformer};
+use super::model::{FloatMatrix, Linear, MatrixType, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::QuantScheme;
 use crate::model::Role;
@@ -212,7 +212,7 @@ impl<'a> Parts<'a> for SourceParts<'a> {
         let (rows, cols) = (t.spec.shape[0], t.spec.shape[1]);
         let Some(r) = &self.rotation else {
             return Ok(FloatMatrix {
-                dtype: t.dtype,
+                ty: MatrixType::Float(t.dtype),
                 bytes: Cow::Borrowed(self.ckpt.bytes(t)),
                 rows,
                 cols,
@@ -223,7 +223,7 @@ impl<'a> Parts<'a> for SourceParts<'a> {
         let mut bytes = Vec::with_capacity(v.len() * 4);
         encode_f32(FloatDtype::F32, &v, &mut bytes);
         Ok(FloatMatrix {
-            dtype: FloatDtype::F32,
+            ty: MatrixType::Float(FloatDtype::F32),
             bytes: Cow::Owned(bytes),
             rows,
             cols,

@@ -231,7 +231,7 @@ pub fn inject(src: &Path, dst: &Path, ckpt: &Checkpoint, defect: Defect, seed: u
 }
 
 /// Writes a consistent .bpk from a header and the stored bytes of each of its tensors.
-fn write(dst: &Path, original: &BpkFile, header: Header, data: Vec<Vec<u8>>) {
+pub fn write(dst: &Path, original: &BpkFile, header: Header, data: Vec<Vec<u8>>) {
     let plans: Vec<TensorPlan> = header
         .tensors
         .iter()
