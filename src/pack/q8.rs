@@ -75,15 +75,15 @@ pub fn check_row(bytes: &[u8]) -> Option<(usize, f32)> {
 const LANES: usize = 8;
 
 /// `sum_i value_i * x_i` over one row, in a fixed order that every build follows exactly:
-/// per block, lane `l` (0..8) forms `q[l] x[l] + q[l+8] x[l+8] + q[l+16] x[l+16] +
-/// q[l+24] x[l+24]` (products and sums rounded one at a time, left to right), then adds `d`
-/// times that to its running sum; the eight running sums are added as
+/// per block, lane `l` (0..8) forms `t = q[l] x[l]`, then `t = fma(q[l+8], x[l+8], t)`,
+/// `fma(q[l+16], x[l+16], t)`, `fma(q[l+24], x[l+24], t)` (fused multiply-adds, one rounding
+/// each), and its running sum becomes `fma(d, t, s_l)`; the eight running sums are added as
 /// `((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))`.
 pub fn dot(bytes: &[u8], x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if has_simd() {
-            // SAFETY: the CPU supports AVX2 and F16C (checked just above).
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return unsafe { avx2::dot(bytes, x) };
         }
     }
@@ -94,7 +94,9 @@ pub fn dot(bytes: &[u8], x: &[f32]) -> f32 {
 pub fn has_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::num::cpu::has_avx2() && std::is_x86_feature_detected!("f16c")
+        crate::num::cpu::has_avx2()
+            && std::is_x86_feature_detected!("f16c")
+            && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -111,9 +113,9 @@ pub fn dot_scalar(bytes: &[u8], x: &[f32]) -> f32 {
         for (l, a) in acc.iter_mut().enumerate() {
             let mut t = q(l) * xb[l];
             for i in 1..BLOCK / LANES {
-                t += q(l + LANES * i) * xb[l + LANES * i];
+                t = q(l + LANES * i).mul_add(xb[l + LANES * i], t);
             }
-            *a += d * t;
+            *a = d.mul_add(t, *a);
         }
     }
     let s = [
@@ -132,8 +134,8 @@ mod avx2 {
     use super::{BLOCK, BLOCK_BYTES, LANES};
 
     /// # Safety
-    /// The CPU must support AVX2 and F16C.
-    #[target_feature(enable = "avx2,f16c")]
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(bytes: &[u8], x: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (b, xb) in bytes.chunks_exact(BLOCK_BYTES).zip(x.chunks_exact(BLOCK)) {
@@ -141,16 +143,18 @@ mod avx2 {
             let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
             // SAFETY: the block holds 2 + 32 bytes and `xb` 32 floats; unaligned loads of 8
             // bytes and 8 floats at offsets 2 + 8 i and 8 i, i < 4.
-            let term = |i: usize| unsafe {
+            let qx = |i: usize| unsafe {
                 let q = _mm_loadl_epi64(b.as_ptr().add(2 + LANES * i).cast());
                 let q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                _mm256_mul_ps(q, _mm256_loadu_ps(xb.as_ptr().add(LANES * i)))
+                (q, _mm256_loadu_ps(xb.as_ptr().add(LANES * i)))
             };
-            let t = _mm256_add_ps(
-                _mm256_add_ps(_mm256_add_ps(term(0), term(1)), term(2)),
-                term(3),
-            );
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(d, t));
+            let (q0, x0) = qx(0);
+            let mut t = _mm256_mul_ps(q0, x0);
+            for i in 1..BLOCK / LANES {
+                let (q, x) = qx(i);
+                t = _mm256_fmadd_ps(q, x, t);
+            }
+            acc = _mm256_fmadd_ps(d, t, acc);
         }
         let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
