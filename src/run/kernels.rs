@@ -230,6 +230,76 @@ pub fn dot_multi_with(
     }
 }
 
+/// [`dot_multi`] over consecutive packed rows (`row_bytes` apart in `data`, as many as
+/// `out.len() / q_sums.len()`): `out[i * tokens + t]` is row `i` with token `t`. The build is
+/// chosen and the lengths checked once for the whole run of rows, which matters for short rows.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_multi_rows(
+    layout: TernaryLayout,
+    data: &[u8],
+    row_bytes: usize,
+    q: &[i8],
+    stride: usize,
+    q_sums: &[i32],
+    k: usize,
+    out: &mut [i32],
+) {
+    dot_multi_rows_with(
+        Isa::active(),
+        layout,
+        data,
+        row_bytes,
+        q,
+        stride,
+        q_sums,
+        k,
+        out,
+    )
+}
+
+/// [`dot_multi_rows`] with a given build, which the CPU must support.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_multi_rows_with(
+    isa: Isa,
+    layout: TernaryLayout,
+    data: &[u8],
+    row_bytes: usize,
+    q: &[i8],
+    stride: usize,
+    q_sums: &[i32],
+    k: usize,
+    out: &mut [i32],
+) {
+    let tokens = q_sums.len();
+    assert!((1..=TILE).contains(&tokens) && out.len() % tokens == 0);
+    let rows = out.len() / tokens;
+    let padded = padded_len(layout, k);
+    assert!(stride >= padded && q.len() >= (tokens - 1) * stride + padded);
+    assert!(row_bytes >= layout.row_bytes(k) && data.len() >= rows * row_bytes);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && layout != TernaryLayout::I8 {
+        assert!(
+            crate::num::cpu::has_avx512_vnni(),
+            "the CPU has no AVX-512 VNNI"
+        );
+        // SAFETY: the CPU supports the extensions (asserted just above); the lengths of
+        // `data` and `q` were checked above.
+        unsafe { avx512::dot_multi_rows(layout, data, row_bytes, q, stride, k, tokens, out) };
+        for o in out.chunks_exact_mut(tokens) {
+            for (o, s) in o.iter_mut().zip(q_sums) {
+                *o -= s;
+            }
+        }
+        return;
+    }
+    for (row, o) in data
+        .chunks_exact(row_bytes)
+        .zip(out.chunks_exact_mut(tokens))
+    {
+        dot_multi_with(isa, layout, row, q, stride, q_sums, k, o);
+    }
+}
+
 /// Largest activation magnitude [`dot_small`] takes (the int4 range is -8..=7).
 pub const SMALL_ACTIVATION: i32 = 8;
 
@@ -656,6 +726,31 @@ mod avx512 {
         }
     }
 
+    /// [`dot_multi`] over consecutive rows `row_bytes` apart; `out` holds `tokens` sums per row.
+    ///
+    /// # Safety
+    /// As [`dot_multi`], for every row.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    pub unsafe fn dot_multi_rows(
+        layout: TernaryLayout,
+        data: &[u8],
+        row_bytes: usize,
+        q: &[i8],
+        stride: usize,
+        k: usize,
+        tokens: usize,
+        out: &mut [i32],
+    ) {
+        for (row, o) in data
+            .chunks_exact(row_bytes)
+            .zip(out.chunks_exact_mut(tokens))
+        {
+            // SAFETY: the caller's contract, row by row.
+            unsafe { dot_multi(layout, row, q, stride, k, o) };
+        }
+    }
+
     /// `i2`: per block, four masks and shifts give the code vectors of the four planes, and
     /// each token takes four `vpdpbusd` (codes 0..=2 unsigned, activations signed, exact i32
     /// sums). `A` accumulators per token break the dependency chains.
@@ -925,6 +1020,51 @@ mod tests {
                     .zip(&x)
                     .fold(0f32, |acc, (&t, &v)| acc + f32::from(t) * v);
                 assert_eq!(dot_trits_f32(layout, &row, &x).to_bits(), want.to_bits());
+            }
+        }
+    }
+
+    /// The run-of-rows entry point against the scalar reference, row by row and token by token.
+    #[test]
+    fn multi_row_kernels_equal_the_scalar_reference() {
+        let mut rng = Lcg(99);
+        for layout in TernaryLayout::ALL {
+            for k in [31usize, 160, 320, 481, 2560] {
+                let (rows, padded) = (5, padded_len(layout, k));
+                let rb = layout.row_bytes(k);
+                let mut data = vec![0u8; rows * rb];
+                for row in data.chunks_exact_mut(rb) {
+                    let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
+                    layout.pack_row(&trits, row);
+                }
+                for tokens in 1..=TILE {
+                    let stride = padded + 3;
+                    let mut q = vec![0i8; (tokens - 1) * stride + padded];
+                    for t in 0..tokens {
+                        for v in &mut q[t * stride..t * stride + k] {
+                            *v = (rng.next() % 255) as i32 as i8 - 127;
+                        }
+                    }
+                    let sums: Vec<i32> = (0..tokens)
+                        .map(|t| {
+                            q[t * stride..t * stride + padded]
+                                .iter()
+                                .map(|&v| i32::from(v))
+                                .sum()
+                        })
+                        .collect();
+                    let mut want = Vec::new();
+                    for row in data.chunks_exact(rb) {
+                        for t in 0..tokens {
+                            want.push(dot_scalar(layout, row, &q[t * stride..], k));
+                        }
+                    }
+                    for isa in Isa::available() {
+                        let mut got = vec![0i32; rows * tokens];
+                        dot_multi_rows_with(isa, layout, &data, rb, &q, stride, &sums, k, &mut got);
+                        assert_eq!(got, want, "{layout:?} k={k} tokens={tokens} {isa:?}");
+                    }
+                }
             }
         }
     }

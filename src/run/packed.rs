@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::RunError;
 use super::assemble::{Parts, assemble};
-use super::kernels::{TILE, dot, dot_multi, dot_small, dot_trits_f32, padded_len};
+use super::kernels::{TILE, dot, dot_multi_rows, dot_small, dot_trits_f32, padded_len};
 use super::model::{FloatMatrix, Linear, MatrixType, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::WeightRule;
@@ -86,15 +86,16 @@ impl Linear for TernaryLinear<'_> {
             .enumerate()
             .for_each(|(c, out)| {
                 let first = c * chunk;
-                let mut dots = [0i32; TILE];
+                let count = out.len() / n;
+                let data = &self.data[first * self.row_bytes..(first + count) * self.row_bytes];
+                let mut dots = vec![0i32; count * TILE];
                 for t0 in (0..n).step_by(TILE) {
                     let tokens = TILE.min(n - t0);
                     let qt = &q[t0 * padded..(t0 + tokens) * padded];
-                    for (i, o) in out.chunks_exact_mut(n).enumerate() {
-                        let r = first + i;
-                        let row = &self.data[r * self.row_bytes..(r + 1) * self.row_bytes];
-                        let d = &mut dots[..tokens];
-                        dot_multi(self.layout, row, qt, padded, &sums[t0..t0 + tokens], k, d);
+                    let d = &mut dots[..count * tokens];
+                    let s = &sums[t0..t0 + tokens];
+                    dot_multi_rows(self.layout, data, self.row_bytes, qt, padded, s, k, d);
+                    for (o, d) in out.chunks_exact_mut(n).zip(d.chunks_exact(tokens)) {
                         for (j, &v) in d.iter().enumerate() {
                             o[t0 + j] = v as f32 * factors[t0 + j];
                         }
