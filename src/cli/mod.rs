@@ -259,6 +259,11 @@ pub struct ConvertArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// After the summary, print where the time went to stderr (even with --quiet): per stage
+    /// (source hash, ternarize, float tensors, output hash, write, finalize) the time threads
+    /// spent in it added over threads, the total wall time and the CPUs kept busy. HF sources only.
+    #[arg(long)]
+    pub timings: bool,
     /// After writing, run parity (packed vs source in qat mode) and fail if it does not pass.
     #[arg(long)]
     pub verify: bool,
