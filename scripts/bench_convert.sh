@@ -101,7 +101,7 @@ else
 fi
 mapfile -t INPUTS < <(inputs)
 for f in "${INPUTS[@]}"; do [ -f "$f" ] || die "missing $f (delete $CKPT to generate it again)"; done
-IN_BYTES=$(stat -c %s "${INPUTS[@]}" | awk '{ s += $1 } END { print s }')
+IN_BYTES=$(stat -c %s "${INPUTS[@]}" | awk '{ s += $1 } END { printf "%.0f\n", s }')
 
 log "warming the page cache"
 cat "${INPUTS[@]}" >/dev/null

@@ -150,7 +150,8 @@ impl fmt::Display for TimingReport {
             self.threads
         )?;
         let row = |f: &mut fmt::Formatter<'_>, name: &str, secs: f64, what: &str| {
-            writeln!(f, "  {name:<34} {secs:>7.3} s {what}")
+            let line = format!("  {name:<34} {secs:>7.3} s {what}");
+            writeln!(f, "{}", line.trim_end())
         };
         row(f, "open and check the checkpoint", self.open_s, "wall")?;
         row(
