@@ -250,7 +250,8 @@ pub struct ConvertArgs {
     /// zstd-compress the non-ternary tensors.
     #[arg(long)]
     pub compress: bool,
-    /// Worker threads (default: one per core). The output does not depend on it.
+    /// Worker threads (default: one per core), the source's SHA-256 included: --threads 1
+    /// uses one core. The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Overwrite the output if it exists.
