@@ -1,8 +1,10 @@
 //! Writes a synthetic HF checkpoint shaped like microsoft/bitnet-b1.58-2B-4T (bf16 master
-//! weights, tied embeddings): `config.json` plus one `model.safetensors` of about 4.8 GB.
+//! weights, tied embeddings): `config.json` plus one `model.safetensors` of about 4.8 GB, or
+//! with `--shards N` (N > 1) the same tensors split over `model-0000i-of-0000N.safetensors`
+//! with a `model.safetensors.index.json`, as transformers' `save_pretrained` writes them.
 //!
 //! ```text
-//! cargo run --release --example synth_checkpoint -- <OUT_DIR> [--layers N] [--order sorted|canonical]
+//! cargo run --release --example synth_checkpoint -- <OUT_DIR> [--layers N] [--order sorted|canonical] [--shards N]
 //! ```
 //!
 //! The values are deterministic pseudo-random numbers: every element is a pure function of
@@ -20,6 +22,10 @@
 //! By default the tensors are laid out in the order the `safetensors` serializer (and therefore
 //! `transformers`' `save_pretrained`) uses: sorted by name, so `model.layers.10.*` comes right
 //! after `model.layers.1.*`. `--order canonical` lays them out in execution order instead.
+//!
+//! Shards split that order on tensor boundaries into runs of roughly equal size: a tensor goes
+//! to the shard its middle byte falls in when the data is cut into N equal parts. A tensor's
+//! values depend only on the tensor, so every shard layout holds the same tensors.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -30,14 +36,26 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use rayon::prelude::*;
 
-// Shapes of BitNet b1.58 2B4T.
-const HIDDEN: usize = 2560;
-const INTERMEDIATE: usize = 6912;
-const HEADS: usize = 20;
-const KV_HEADS: usize = 5;
-const HEAD_DIM: usize = HIDDEN / HEADS;
-const VOCAB: usize = 128_256;
-const DEFAULT_LAYERS: usize = 30;
+/// The model's dimensions.
+#[derive(Clone, Copy)]
+struct Dims {
+    hidden: usize,
+    intermediate: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+    layers: usize,
+}
+
+/// BitNet b1.58 2B4T's.
+const B2B4T: Dims = Dims {
+    hidden: 2560,
+    intermediate: 6912,
+    heads: 20,
+    kv_heads: 5,
+    vocab: 128_256,
+    layers: 30,
+};
 
 /// Bytes per chunk handed to the writer thread.
 const CHUNK_BYTES: usize = 16 << 20;
@@ -72,10 +90,12 @@ impl Tensor {
     }
 }
 
-/// The tensors of a 2B4T-shaped model with `layers` blocks, in execution order.
-fn tensors(layers: usize) -> Vec<Tensor> {
-    let q = HEADS * HEAD_DIM;
-    let kv = KV_HEADS * HEAD_DIM;
+/// The tensors of a model of dimensions `d`, in execution order.
+fn tensors(d: Dims) -> Vec<Tensor> {
+    let (hidden, inter) = (d.hidden, d.intermediate);
+    let head_dim = d.hidden / d.heads;
+    let q = d.heads * head_dim;
+    let kv = d.kv_heads * head_dim;
     let mut out = Vec::new();
     let mut push = |name: String, shape: Vec<usize>, kind: Kind| {
         let seed_index = out.len() as u64;
@@ -88,29 +108,29 @@ fn tensors(layers: usize) -> Vec<Tensor> {
     };
     push(
         "model.embed_tokens.weight".into(),
-        vec![VOCAB, HIDDEN],
+        vec![d.vocab, hidden],
         Kind::Weight,
     );
-    for i in 0..layers {
+    for i in 0..d.layers {
         let p = format!("model.layers.{i}");
         push(
             format!("{p}.input_layernorm.weight"),
-            vec![HIDDEN],
+            vec![hidden],
             Kind::Norm,
         );
         push(
             format!("{p}.self_attn.q_proj.weight"),
-            vec![q, HIDDEN],
+            vec![q, hidden],
             Kind::Weight,
         );
         push(
             format!("{p}.self_attn.k_proj.weight"),
-            vec![kv, HIDDEN],
+            vec![kv, hidden],
             Kind::Weight,
         );
         push(
             format!("{p}.self_attn.v_proj.weight"),
-            vec![kv, HIDDEN],
+            vec![kv, hidden],
             Kind::Weight,
         );
         push(
@@ -120,42 +140,50 @@ fn tensors(layers: usize) -> Vec<Tensor> {
         );
         push(
             format!("{p}.self_attn.o_proj.weight"),
-            vec![HIDDEN, q],
+            vec![hidden, q],
             Kind::Weight,
         );
         push(
             format!("{p}.post_attention_layernorm.weight"),
-            vec![HIDDEN],
+            vec![hidden],
             Kind::Norm,
         );
         push(
             format!("{p}.mlp.gate_proj.weight"),
-            vec![INTERMEDIATE, HIDDEN],
+            vec![inter, hidden],
             Kind::Weight,
         );
         push(
             format!("{p}.mlp.up_proj.weight"),
-            vec![INTERMEDIATE, HIDDEN],
+            vec![inter, hidden],
             Kind::Weight,
         );
         push(
             format!("{p}.mlp.ffn_sub_norm.weight"),
-            vec![INTERMEDIATE],
+            vec![inter],
             Kind::Norm,
         );
         push(
             format!("{p}.mlp.down_proj.weight"),
-            vec![HIDDEN, INTERMEDIATE],
+            vec![hidden, inter],
             Kind::Weight,
         );
     }
-    push("model.norm.weight".into(), vec![HIDDEN], Kind::Norm);
+    push("model.norm.weight".into(), vec![hidden], Kind::Norm);
     out
 }
 
-fn config_json(layers: usize) -> String {
+fn config_json(d: Dims) -> String {
+    let Dims {
+        hidden,
+        intermediate,
+        heads,
+        kv_heads,
+        vocab,
+        layers,
+    } = d;
     format!(
-        r#"{{"architectures":["BitNetForCausalLM"],"model_type":"bitnet","hidden_act":"relu2","hidden_size":{HIDDEN},"intermediate_size":{INTERMEDIATE},"num_hidden_layers":{layers},"num_attention_heads":{HEADS},"num_key_value_heads":{KV_HEADS},"max_position_embeddings":4096,"rms_norm_eps":1e-05,"rope_theta":500000.0,"tie_word_embeddings":true,"torch_dtype":"bfloat16","vocab_size":{VOCAB},"bos_token_id":128000,"eos_token_id":128001,"quantization_config":{{"quant_method":"bitnet","linear_class":"autobitlinear","quantization_mode":"online"}}}}"#
+        r#"{{"architectures":["BitNetForCausalLM"],"model_type":"bitnet","hidden_act":"relu2","hidden_size":{hidden},"intermediate_size":{intermediate},"num_hidden_layers":{layers},"num_attention_heads":{heads},"num_key_value_heads":{kv_heads},"max_position_embeddings":4096,"rms_norm_eps":1e-05,"rope_theta":500000.0,"tie_word_embeddings":true,"torch_dtype":"bfloat16","vocab_size":{vocab},"bos_token_id":128000,"eos_token_id":128001,"quantization_config":{{"quant_method":"bitnet","linear_class":"autobitlinear","quantization_mode":"online"}}}}"#
     ) + "\n"
 }
 
@@ -221,13 +249,16 @@ struct Args {
     out_dir: PathBuf,
     layers: usize,
     sorted: bool,
+    shards: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
-    let usage = "usage: synth_checkpoint <OUT_DIR> [--layers N] [--order sorted|canonical]";
+    let usage =
+        "usage: synth_checkpoint <OUT_DIR> [--layers N] [--order sorted|canonical] [--shards N]";
     let mut out_dir = None;
-    let mut layers = DEFAULT_LAYERS;
+    let mut layers = B2B4T.layers;
     let mut sorted = true;
+    let mut shards = 1;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -239,6 +270,12 @@ fn parse_args() -> anyhow::Result<Args> {
                 let v = it.next().context("--layers needs a value")?;
                 layers = v.parse().with_context(|| format!("bad --layers `{v}`"))?;
                 ensure!(layers >= 1, "--layers must be at least 1");
+            }
+            "--shards" => {
+                let v = it.next().context("--shards needs a value")?;
+                shards = v.parse().with_context(|| format!("bad --shards `{v}`"))?;
+                ensure!(shards >= 1, "--shards must be at least 1");
+                ensure!(shards <= 99_999, "--shards must be at most 99999");
             }
             "--order" => match it.next().as_deref() {
                 Some("sorted") => sorted = true,
@@ -256,7 +293,65 @@ fn parse_args() -> anyhow::Result<Args> {
         out_dir: out_dir.context(usage)?,
         layers,
         sorted,
+        shards,
     })
+}
+
+/// Splits `order` (file order) into `shards` runs on tensor boundaries, of roughly equal bytes:
+/// each shard in turn aims at an equal part of the bytes still to place, and takes tensors
+/// while the next one's middle byte falls within its part (always at least one, and never so
+/// many that a later shard would get none). A tensor larger than a part gets a shard of its
+/// own, and the shards after it share the rest.
+fn split<'a>(order: &[&'a Tensor], shards: usize) -> anyhow::Result<Vec<Vec<&'a Tensor>>> {
+    ensure!(shards >= 1, "--shards must be at least 1");
+    ensure!(
+        shards <= order.len(),
+        "--shards {shards} is more than the model's {} tensors",
+        order.len()
+    );
+    let mut left: u128 = order.iter().map(|t| t.nbytes() as u128).sum();
+    let mut out = Vec::with_capacity(shards);
+    let mut rest = order;
+    for g in 0..shards {
+        let shards_left = (shards - g) as u128;
+        // Twice the bytes this shard aims at, to compare with twice a middle byte's offset.
+        let aim2 = 2 * left / shards_left;
+        let most = rest.len() - (shards - g - 1);
+        let mut taken = 0u128;
+        let mut n = 0;
+        while n < most
+            && (n == 0 || g + 1 == shards || 2 * taken + rest[n].nbytes() as u128 <= aim2)
+        {
+            taken += rest[n].nbytes() as u128;
+            n += 1;
+        }
+        out.push(rest[..n].to_vec());
+        rest = &rest[n..];
+        left -= taken;
+    }
+    Ok(out)
+}
+
+/// The shard file names transformers uses.
+fn shard_name(i: usize, shards: usize) -> String {
+    format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+}
+
+/// `model.safetensors.index.json` for `shards` (each shard's tensors in file order).
+fn index_json(shards: &[Vec<&Tensor>]) -> String {
+    let mut weight_map = std::collections::BTreeMap::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        for t in shard {
+            weight_map.insert(t.name.clone(), shard_name(i, shards.len()));
+            total += t.nbytes();
+        }
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": total },
+        "weight_map": weight_map,
+    });
+    serde_json::to_string_pretty(&index).expect("an index serializes") + "\n"
 }
 
 /// Streams the safetensors file to `path`; returns its length.
@@ -369,41 +464,246 @@ fn verify(path: &Path, order: &[&Tensor]) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let all = tensors(args.layers);
+    let dims = Dims {
+        layers: args.layers,
+        ..B2B4T
+    };
+    generate(&args.out_dir, dims, args.sorted, args.shards, true)
+}
+
+/// Writes the checkpoint of dimensions `d` into `out_dir` (`shards` files when above 1),
+/// printing what it wrote when `report` is set.
+fn generate(
+    out_dir: &Path,
+    d: Dims,
+    sorted: bool,
+    shards: usize,
+    report: bool,
+) -> anyhow::Result<()> {
+    let all = tensors(d);
     let mut order: Vec<&Tensor> = all.iter().collect();
-    if args.sorted {
+    if sorted {
         // What safetensors' serializer does for tensors of one dtype: sort by name.
         order.sort_by(|a, b| a.name.cmp(&b.name));
     }
-    std::fs::create_dir_all(&args.out_dir)
-        .with_context(|| format!("could not create {}", args.out_dir.display()))?;
-    std::fs::write(args.out_dir.join("config.json"), config_json(args.layers))?;
-
-    let final_path = args.out_dir.join("model.safetensors");
-    let partial = args.out_dir.join("model.safetensors.partial");
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("could not create {}", out_dir.display()))?;
     let params: usize = all.iter().map(Tensor::numel).sum();
-    eprintln!(
-        "generating {} tensors, {} parameters, {} layers, order {}, {} threads",
-        all.len(),
-        params,
-        args.layers,
-        if args.sorted { "sorted" } else { "canonical" },
-        rayon::current_num_threads()
-    );
-    let start = Instant::now();
-    let len = write_safetensors(&partial, &order)?;
-    let gen_secs = start.elapsed().as_secs_f64();
-    std::fs::rename(&partial, &final_path)?;
-    let vstart = Instant::now();
-    verify(&final_path, &order)?;
-    println!(
-        "wrote {}: {} bytes ({:.3} GB) in {:.2} s ({:.2} GB/s); verified with safetensors in {:.2} s",
-        final_path.display(),
-        len,
-        len as f64 / 1e9,
-        gen_secs,
-        len as f64 / 1e9 / gen_secs.max(1e-9),
-        vstart.elapsed().as_secs_f64()
-    );
+    if report {
+        eprintln!(
+            "generating {} tensors, {} parameters, {} layers, order {}, {} shard{}, {} threads",
+            all.len(),
+            params,
+            d.layers,
+            if sorted { "sorted" } else { "canonical" },
+            shards,
+            if shards == 1 { "" } else { "s" },
+            rayon::current_num_threads()
+        );
+    }
+    let (files, index): (Vec<(String, Vec<&Tensor>)>, _) = if shards == 1 {
+        (vec![("model.safetensors".to_string(), order)], None)
+    } else {
+        // transformers loads model.safetensors before an index: a leftover one would hide the
+        // shards.
+        let single = out_dir.join("model.safetensors");
+        ensure!(
+            !single.exists(),
+            "{} exists and would be read instead of the shards; remove it or use another directory",
+            single.display()
+        );
+        let split = split(&order, shards)?;
+        let index = index_json(&split);
+        let named = split
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (shard_name(i, shards), s))
+            .collect();
+        (named, Some(index))
+    };
+    std::fs::write(out_dir.join("config.json"), config_json(d))?;
+    for (name, order) in &files {
+        let final_path = out_dir.join(name);
+        let partial = out_dir.join(format!("{name}.partial"));
+        let start = Instant::now();
+        let len = write_safetensors(&partial, order)?;
+        let gen_secs = start.elapsed().as_secs_f64();
+        std::fs::rename(&partial, &final_path)?;
+        let vstart = Instant::now();
+        verify(&final_path, order)?;
+        if report {
+            println!(
+                "wrote {}: {} bytes ({:.3} GB) in {:.2} s ({:.2} GB/s); verified with safetensors in {:.2} s",
+                final_path.display(),
+                len,
+                len as f64 / 1e9,
+                gen_secs,
+                len as f64 / 1e9 / gen_secs.max(1e-9),
+                vstart.elapsed().as_secs_f64()
+            );
+        }
+    }
+    // Last, so that an interrupted run leaves no index naming missing shards.
+    if let Some(index) = index {
+        std::fs::write(out_dir.join("model.safetensors.index.json"), index)?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    /// A small model of the same family, quick to write and convert.
+    const TINY: Dims = Dims {
+        hidden: 256,
+        intermediate: 512,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 512,
+        layers: 3,
+    };
+
+    fn sorted(all: &[Tensor]) -> Vec<&Tensor> {
+        let mut order: Vec<&Tensor> = all.iter().collect();
+        order.sort_by(|a, b| a.name.cmp(&b.name));
+        order
+    }
+
+    fn names<'a>(ts: impl IntoIterator<Item = &'a &'a Tensor>) -> Vec<&'a str> {
+        ts.into_iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn equal_tensors_split_evenly() {
+        let all: Vec<Tensor> = (0..10)
+            .map(|i| Tensor {
+                name: format!("t{i:02}"),
+                shape: vec![8, 8],
+                kind: Kind::Weight,
+                seed_index: i,
+            })
+            .collect();
+        let order: Vec<&Tensor> = all.iter().collect();
+        let lens: Vec<usize> = split(&order, 5).unwrap().iter().map(Vec::len).collect();
+        assert_eq!(lens, [2; 5]);
+        let lens: Vec<usize> = split(&order, 10).unwrap().iter().map(Vec::len).collect();
+        assert_eq!(lens, [1; 10]);
+        assert!(split(&order, 11).is_err());
+    }
+
+    /// Shards of the 2B4T layout keep the file order, are never empty, and each is within the
+    /// largest tensor of an equal share; in seven shards, the six after the embedding's differ by
+    /// at most two of the largest projections.
+    #[test]
+    fn shards_of_the_full_model_are_in_order_and_near_equal() {
+        let all = tensors(B2B4T);
+        let order = sorted(&all);
+        let total: usize = order.iter().map(|t| t.nbytes()).sum();
+        let largest = order.iter().map(|t| t.nbytes()).max().unwrap();
+        for shards in [1, 2, 7, 30, order.len()] {
+            let split = split(&order, shards).unwrap();
+            assert_eq!(split.len(), shards);
+            assert!(split.iter().all(|s| !s.is_empty()), "{shards}");
+            assert_eq!(names(split.iter().flatten()), names(&order), "{shards}");
+            for s in &split {
+                let bytes: usize = s.iter().map(|t| t.nbytes()).sum();
+                assert!(
+                    bytes.abs_diff(total / shards) <= largest,
+                    "{shards}: {bytes}"
+                );
+            }
+        }
+        let seven = split(&order, 7).unwrap();
+        assert_eq!(seven[0][0].name, "model.embed_tokens.weight");
+        let rest: Vec<usize> = seven[1..]
+            .iter()
+            .map(|s| s.iter().map(|t| t.nbytes()).sum())
+            .collect();
+        let (lo, hi) = (rest.iter().min().unwrap(), rest.iter().max().unwrap());
+        // The layers' largest tensor is a 6912 x 2560 projection.
+        assert!(hi - lo <= 6912 * 2560 * 2 * 2, "{rest:?}");
+    }
+
+    /// The sharded checkpoint is read by bitnet-pack like the single file: the same tensors,
+    /// byte for byte, and the provenance names each shard with its SHA-256.
+    #[test]
+    fn sharded_and_single_file_convert_to_the_same_tensors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (one, three) = (tmp.path().join("one"), tmp.path().join("three"));
+        generate(&one, TINY, true, 1, false).unwrap();
+        generate(&three, TINY, true, 3, false).unwrap();
+        assert!(!three.join("model.safetensors").exists());
+
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(three.join("model.safetensors.index.json")).unwrap(),
+        )
+        .unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        let all = tensors(TINY);
+        assert_eq!(map.len(), all.len());
+        let total: usize = all.iter().map(Tensor::nbytes).sum();
+        assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+        let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+        files.sort();
+        files.dedup();
+        assert_eq!(
+            files,
+            [
+                "model-00001-of-00003.safetensors",
+                "model-00002-of-00003.safetensors",
+                "model-00003-of-00003.safetensors"
+            ]
+        );
+
+        let opts = bitnet_pack::convert::ConvertOptions {
+            layout: bitnet_pack::pack::TernaryLayout::I2,
+            keep: None,
+            q8_outputs: false,
+            compress: false,
+            force: false,
+            scheme: Default::default(),
+        };
+        let convert = |dir: &Path| {
+            let out = dir.with_extension("bpk");
+            bitnet_pack::convert::convert(dir, &out, &opts, &|_| {}).unwrap();
+            bitnet_pack::format::BpkFile::open(&out).unwrap()
+        };
+        let (a, b) = (convert(&one), convert(&three));
+        assert_eq!(a.header.tensors, b.header.tensors);
+        assert_eq!(a.header.data_len, b.header.data_len);
+        for e in &a.header.tensors {
+            assert_eq!(a.stored(e), b.stored(e), "{}", e.name);
+        }
+        let sources = |f: &bitnet_pack::format::BpkFile| -> Vec<(String, String)> {
+            f.header
+                .provenance
+                .source_files
+                .iter()
+                .map(|s| (s.name.clone(), s.sha256.clone()))
+                .collect()
+        };
+        let sha = |p: PathBuf| {
+            let d = Sha256::digest(std::fs::read(p).unwrap());
+            d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let expect = |dir: &Path, names: &[&str]| -> Vec<(String, String)> {
+            std::iter::once("config.json")
+                .chain(names.iter().copied())
+                .map(|n| (n.to_string(), sha(dir.join(n))))
+                .collect()
+        };
+        assert_eq!(sources(&a), expect(&one, &["model.safetensors"]));
+        assert_eq!(sources(&b), expect(&three, &files));
+    }
+
+    #[test]
+    fn shards_are_refused_beside_a_single_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        generate(tmp.path(), TINY, true, 1, false).unwrap();
+        let err = generate(tmp.path(), TINY, true, 2, false).unwrap_err();
+        assert!(err.to_string().contains("would be read instead"), "{err}");
+        assert!(!tmp.path().join("model.safetensors.index.json").exists());
+    }
 }

@@ -14,6 +14,8 @@
 //! the temporary file, named `.<target name>.<pid>.<random>.tmp`, which the next write to the
 //! same target removes once that process is gone ([`remove_stale_temps`]).
 
+pub mod direct;
+
 use std::collections::BTreeMap;
 use std::fs::{File, Metadata};
 use std::io;

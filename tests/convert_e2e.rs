@@ -123,20 +123,91 @@ fn unpack_keeps_norms_and_embeddings_exact() {
     }
 }
 
-/// Output bytes do not depend on the thread count, nor on the run.
+/// Output bytes do not depend on the thread count, nor on the run: with tensors written
+/// from memory (plain) and streamed through the compressor (--compress).
 #[test]
 fn output_is_identical_for_1_and_2_threads() {
     let tmp = tempfile::tempdir().unwrap();
     for name in FIXTURES {
-        let one = tmp.path().join(format!("{name}-1.bpk"));
-        let two = tmp.path().join(format!("{name}-2.bpk"));
-        let again = tmp.path().join(format!("{name}-2b.bpk"));
-        convert_ok(&fixture(name), &one, &["--threads", "1", "--compress"]);
-        convert_ok(&fixture(name), &two, &["--threads", "2", "--compress"]);
-        convert_ok(&fixture(name), &again, &["--threads", "2", "--compress"]);
-        assert_eq!(sha256(&one), sha256(&two), "{name}");
-        assert_eq!(sha256(&two), sha256(&again), "{name}");
+        for (i, extra) in [&[][..], &["--compress"][..]].iter().enumerate() {
+            let out = |t: &str| tmp.path().join(format!("{name}-{i}-{t}.bpk"));
+            for t in ["1", "2", "3"] {
+                let mut args = vec!["--threads", t];
+                args.extend_from_slice(extra);
+                convert_ok(&fixture(name), &out(t), &args);
+            }
+            convert_ok(
+                &fixture(name),
+                &out("2b"),
+                &[&["--threads", "2"][..], extra].concat(),
+            );
+            let one = sha256(&out("1"));
+            for t in ["2", "3", "2b"] {
+                assert_eq!(one, sha256(&out(t)), "{name} {extra:?} threads {t}");
+            }
+        }
     }
+}
+
+/// `--timings` reports every stage after the summary, even with --quiet, and changes nothing
+/// in the output; it is refused for a source it does not measure.
+#[test]
+fn timings_are_reported_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, timed) = (tmp.path().join("a.bpk"), tmp.path().join("b.bpk"));
+    let src = fixture("tiny-sharded");
+    convert_ok(&src, &plain, &[]);
+    let o = bin(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        timed.to_str().unwrap(),
+        "--quiet",
+        "--timings",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(sha256(&plain), sha256(&timed));
+    let err = stderr(&o);
+    // The shards, counted from the index.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let mut shards: Vec<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    shards.sort();
+    shards.dedup();
+    assert!(shards.len() > 1);
+    for stage in [
+        "open and check the checkpoint",
+        &format!("wall, {} files", shards.len()),
+        "read, decode, ternarize, pack",
+        "float tensors (check, copy)",
+        "output hash (SHA-256)",
+        "write",
+        "finalize (header, fsync, rename)",
+        "CPUs busy on average",
+    ] {
+        assert!(err.contains(stage), "`{stage}` missing from:\n{err}");
+    }
+    assert!(
+        !err.contains("wrote "),
+        "--quiet keeps the summary out: {err}"
+    );
+
+    let o = bin(&[
+        "convert",
+        plain.to_str().unwrap(),
+        "-o",
+        tmp.path().join("c.gguf").to_str().unwrap(),
+        "--timings",
+    ]);
+    assert_ne!(code(&o), 0);
+    assert!(stderr(&o).contains("--timings measures conversions from an HF checkpoint"));
+    assert!(!tmp.path().join("c.gguf").exists());
 }
 
 #[test]

@@ -129,11 +129,18 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
     };
     // Chosen by name: a FIFO or a device named so gets the reader's clear refusal.
     let src_is_bpk = a.src.extension().is_some_and(|x| x == "bpk");
+    let src_is_gguf = a.src.extension().is_some_and(|x| x == "gguf");
+    if a.timings && (src_is_bpk || src_is_gguf) {
+        anyhow::bail!(
+            "--timings measures conversions from an HF checkpoint; {} is not one",
+            a.src.display()
+        );
+    }
     if src_is_bpk {
         bar.finish_and_clear();
         return export_bpk(&a, to, class, gguf_type, gguf_embed);
     }
-    if a.src.extension().is_some_and(|x| x == "gguf") {
+    if src_is_gguf {
         bar.finish_and_clear();
         return with_threads(a.threads, || {
             import_gguf(&a, &opts, to, class, gguf_type, gguf_embed)
@@ -296,6 +303,9 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
                 100.0 * top1
             ));
         }
+    }
+    if a.timings {
+        say(summary.timings.to_string().trim_end());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -253,7 +253,8 @@ pub struct ConvertArgs {
     /// zstd-compress the non-ternary tensors.
     #[arg(long)]
     pub compress: bool,
-    /// Worker threads (default: one per core). The output does not depend on it.
+    /// Worker threads (default: one per core), the source's SHA-256 included: --threads 1
+    /// uses one core. The output does not depend on it.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Overwrite the output if it exists.
@@ -262,6 +263,11 @@ pub struct ConvertArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
+    /// After the summary, print where the time went to stderr (even with --quiet): per stage
+    /// (source hash, ternarize, float tensors, output hash, write, finalize) the time threads
+    /// spent in it added over threads, the total wall time and the CPUs kept busy. HF sources only.
+    #[arg(long)]
+    pub timings: bool,
     /// After writing, run parity (packed vs source in qat mode) and fail if it does not pass.
     #[arg(long)]
     pub verify: bool,

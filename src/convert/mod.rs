@@ -8,34 +8,53 @@
 //! in f64 for its absmean scale, then ternarized and packed in a second pass over the rows;
 //! other tensors are copied (or re-encoded, or zstd-compressed) in chunks. Rows are spread over
 //! the rayon pool the caller installs; every reduction has a fixed order, so the output is
-//! byte-identical whatever the thread count. The source files are hashed for provenance on a
-//! separate thread while the conversion runs.
+//! byte-identical whatever the thread count.
+//!
+//! Scheduling, so that every worker of the pool stays busy (see docs/benchmarks.md):
+//! - the source files are hashed for provenance as tasks of the same pool, spawned first, so a
+//!   free worker takes them at once: SHA-256 is sequential within a file, so for a single-file
+//!   checkpoint that hash is the longest chain of work and must never wait;
+//! - tensors go through a two-stage pipeline: while tensor `i` is made (ternarized, or its
+//!   values checked), tensor `i - 1` is written, its SHA-256 computed on another task beside
+//!   the write. Idle workers steal whichever of these is waiting, and at most two tensors'
+//!   output is held at once;
+//! - a persisted output goes to disk as it is written, by direct I/O where the file system
+//!   allows it ([`BpkWriter::to_disk`]): no copy into the page cache, and little left for the
+//!   `fsync` at the end.
+//!
+//! `convert --timings` reports the time spent in each stage ([`timings`]).
 
 pub mod from_gguf;
 pub mod rotate;
 pub mod scheme;
+pub mod timings;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::format::writer::TensorSink;
+use crate::format::writer::{DiskMode, TensorSink};
 use crate::format::{
     BpkWriter, Compression, Encoding, Header, Provenance, SourceFile, TensorPlan, WriteError,
 };
 use crate::fsio::FileError;
 use crate::model::{ModelConfig, Role, TensorSpec, expected_tensors};
 use crate::num::FloatDtype;
-use crate::num::digest::sha256_file;
-use crate::num::dtype::{decode_f32, encode_f32, first_non_finite};
+use crate::num::digest::{sha256_file, sha256_file_unless};
+use crate::num::dtype::{decode_f32, encode_f32, first_non_finite, first_non_finite_serial};
 use crate::pack::{TernaryLayout, q8};
 use crate::quant::AbsmeanScale;
 use crate::quant::rows::{row_abs_sum, row_ternarize};
 use crate::source::{CONFIG_FILE, Checkpoint, SourceError, SourceTensor};
 use crate::transform::Rotation;
 use scheme::{SchemeError, SchemeOptions};
+use timings::{Busy, TimingReport, Timings, process_cpu};
 
 /// zstd level for `--compress`: fast, and the output is identical on every run.
 pub const ZSTD_LEVEL: i32 = 3;
@@ -122,6 +141,8 @@ pub struct ConvertSummary {
     pub source_tensor_bytes: u64,
     /// How the source path was read, when that is worth saying ([`Checkpoint::notes`]).
     pub notes: Vec<String>,
+    /// Where the time went.
+    pub timings: TimingReport,
 }
 
 /// Converts the checkpoint at `src` into a .bpk file at `out`. `progress` is called with the
@@ -176,6 +197,8 @@ fn convert_inner(
     verify: &Verifier<'_>,
     export: Option<&Exporter<'_>>,
 ) -> Result<ConvertSummary, ConvertError> {
+    let start = Instant::now();
+    let cpu_start = process_cpu();
     let ckpt = Checkpoint::open(src)?;
     // Before any work: the target must be writable and must not be one of the inputs.
     if export.is_none() {
@@ -235,46 +258,128 @@ fn convert_inner(
         plans,
     )
     .map_err(write_err)?;
+    if export.is_none() {
+        // Persisted, so flushed to disk at the end: send the data there as it is written.
+        writer.to_disk().map_err(write_err)?;
+    }
+    let opened = start.elapsed();
 
-    let (hashes, written) = std::thread::scope(|scope| {
-        // Hashing runs beside the conversion's workers, with as many threads as they have.
-        let threads = rayon::current_num_threads();
-        let ckpt = &ckpt;
-        let hasher = scope.spawn(move || ckpt.hash_shards(threads));
-        let written = write_tensors(
-            ckpt,
-            &jobs,
-            rotation.as_ref(),
-            &mut writer,
-            out,
-            opts,
-            progress,
-        );
-        (
-            hasher.join().expect("the hashing thread does not panic"),
-            written,
-        )
-    });
+    let timings = Timings::default();
+    let threads = rayon::current_num_threads();
+    let (hashes, written) = hash_and_write(
+        &ckpt,
+        &jobs,
+        rotation.as_ref(),
+        &mut writer,
+        out,
+        opts,
+        progress,
+        &timings,
+    );
     written?;
     let hashes = hashes?;
+    let tensors_done = Instant::now();
+    let writer_times = writer.times();
+    let direct_io = export.is_none() && writer.disk_mode() == DiskMode::Direct;
     let finished = writer.finish(provenance_with(&hashes)).map_err(write_err)?;
+    let mut finalize = tensors_done.elapsed();
+    let verify_start = Instant::now();
     verify(&ckpt, finished.temp_path()).map_err(|reason| ConvertError::VerifyFailed {
         path: out.to_path_buf(),
         reason,
     })?;
+    let mut verify_export = verify_start.elapsed();
     let (header, file_len) = match export {
-        None => finished.persist().map_err(write_err)?,
+        None => {
+            let t = Instant::now();
+            let r = finished.persist().map_err(write_err)?;
+            finalize += t.elapsed();
+            r
+        }
         Some(export) => {
+            let t = Instant::now();
             export(&ckpt, finished.temp_path())?;
+            verify_export += t.elapsed();
             (finished.header.clone(), finished.len)
         }
+    };
+    let total = start.elapsed();
+    let cpu_end = process_cpu();
+    let timings = TimingReport {
+        threads,
+        source_files: ckpt.shards.len(),
+        open_s: opened.as_secs_f64(),
+        source_hash_wall_s: timings.source_hash_wall().as_secs_f64(),
+        source_hash_busy_s: timings.source_hash.get().as_secs_f64(),
+        ternarize_busy_s: timings.ternarize.get().as_secs_f64(),
+        float_busy_s: timings.float.get().as_secs_f64(),
+        output_hash_busy_s: writer_times.hash.as_secs_f64(),
+        write_busy_s: writer_times.write.as_secs_f64(),
+        direct_io,
+        finalize_s: finalize.as_secs_f64(),
+        verify_export_s: verify_export.as_secs_f64(),
+        total_wall_s: total.as_secs_f64(),
+        user_cpu_s: cpu_end.0.saturating_sub(cpu_start.0).as_secs_f64(),
+        sys_cpu_s: cpu_end.1.saturating_sub(cpu_start.1).as_secs_f64(),
     };
     Ok(ConvertSummary {
         header,
         file_len,
         source_tensor_bytes: ckpt.tensor_bytes(),
         notes: ckpt.notes.clone(),
+        timings,
     })
+}
+
+/// Hashes the source shards and writes the tensors, in the current rayon pool: the shards'
+/// hashes are spawned first, so that free workers start them at once, and the tensors are
+/// written on the current worker meanwhile ([`write_tensors`]). A failed conversion cancels the
+/// hashing.
+#[allow(clippy::too_many_arguments)]
+fn hash_and_write(
+    ckpt: &Checkpoint,
+    jobs: &[Job<'_>],
+    rotation: Option<&Rotation>,
+    writer: &mut BpkWriter,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    timings: &Timings,
+) -> (Result<Vec<String>, SourceError>, Result<(), ConvertError>) {
+    let cancel = AtomicBool::new(false);
+    // Per shard: not run yet, or its digest (`None`: cancelled).
+    type Digest = Option<Result<Option<String>, SourceError>>;
+    let digests: Mutex<Vec<Digest>> = Mutex::new(ckpt.shards.iter().map(|_| None).collect());
+    let written = rayon::scope(|s| {
+        for (i, shard) in ckpt.shards.iter().enumerate() {
+            let (cancel, digests) = (&cancel, &digests);
+            s.spawn(move |_| {
+                let t = Instant::now();
+                let d = sha256_file_unless(&shard.path, cancel).map_err(SourceError::from);
+                timings.shard_hashed(t);
+                digests.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(d);
+            });
+        }
+        let written = write_tensors(ckpt, jobs, rotation, writer, out, opts, progress, timings);
+        if written.is_err() {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        written
+    });
+    let hashes = digests
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(
+            |d| match d.expect("every shard's task has run when the scope ends") {
+                Ok(Some(h)) => Ok(h),
+                // Cancelled: only after the conversion failed, whose error is the one reported.
+                Ok(None) => Ok(String::new()),
+                Err(e) => Err(e),
+            },
+        )
+        .collect();
+    (hashes, written)
 }
 
 fn options_record(opts: &ConvertOptions) -> BTreeMap<String, String> {
@@ -376,6 +481,7 @@ fn check_q8(model: &ModelConfig, opts: &ConvertOptions) -> Result<(), ConvertErr
 
 /// Writes the embedding or the head as `q8_0`, a chunk of whole rows at a time, the chunks
 /// quantized in parallel (`rotation`: the rotated values, as [`rotated_floats`] gives them).
+/// [`make`] has checked that the source values are finite.
 fn write_q8(
     ckpt: &Checkpoint,
     job: &Job<'_>,
@@ -384,17 +490,7 @@ fn write_q8(
     out: &Path,
 ) -> Result<(), ConvertError> {
     let t = job.source;
-    let path = || ckpt.shards[t.shard].path.clone();
-    let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
-        path: path(),
-        tensor: t.spec.name.clone(),
-        index: unravel(index, &t.spec.shape),
-        value,
-    };
     let bytes = ckpt.bytes(t);
-    if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
-        return Err(non_finite(i, v));
-    }
     let cols = job.spec.shape[1];
     let quantize = |values: &[f32], enc: &mut Vec<u8>| {
         enc.resize(values.len() / cols * q8::row_bytes(cols), 0);
@@ -432,6 +528,23 @@ fn write_q8(
     Ok(())
 }
 
+/// What [`make`] produced for one output tensor, for [`emit`] to write.
+enum Made<'c> {
+    /// The bytes to store (a packed projection, or a float tensor kept as it is in the
+    /// source), with a ternary tensor's scale.
+    Bytes {
+        scale: Option<f32>,
+        bytes: Cow<'c, [u8]>,
+    },
+    /// A float tensor re-encoded, compressed or rotated while it is written.
+    Streamed,
+}
+
+/// Writes every job's tensor in order, as a two-stage pipeline: each step makes tensor `i`
+/// ([`make`]) while tensor `i - 1` is written ([`emit`]), the two joined with `rayon::join`
+/// so that a free worker takes one of them. The writer is used by one emit at a time, in
+/// tensor order, so the file is the same whatever runs where.
+#[allow(clippy::too_many_arguments)]
 fn write_tensors(
     ckpt: &Checkpoint,
     jobs: &[Job<'_>],
@@ -440,60 +553,101 @@ fn write_tensors(
     out: &Path,
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
+    timings: &Timings,
 ) -> Result<(), ConvertError> {
-    let out_path = |error: WriteError| write_error(out, error);
+    let mut pending: Option<(&Job<'_>, Made<'_>)> = None;
     for job in jobs {
-        let t = job.source;
-        let bytes = ckpt.bytes(t);
-        let non_finite = |index: usize, value: f32| ConvertError::NonFinite {
-            path: ckpt.shards[t.shard].path.clone(),
-            tensor: t.spec.name.clone(),
-            index: unravel(index, &t.spec.shape),
-            value,
-        };
-        let overflow = |index: usize, value: f32, dtype: FloatDtype| ConvertError::Overflow {
-            path: ckpt.shards[t.shard].path.clone(),
-            tensor: job.spec.name.clone(),
-            index: unravel(index, &job.spec.shape),
-            value,
-            dtype: dtype.as_str(),
-        };
-        let role = job.spec.role;
-        if opts.q8_outputs && is_q8_role(role) {
-            write_q8(ckpt, job, rotation, writer, out)?;
-            ckpt.release(t);
-            progress(bytes.len() as u64);
-            continue;
-        }
-        let target = opts.keep.unwrap_or(t.dtype);
-        match (role.is_ternary(), rotation) {
-            (true, None) if t.ternary.is_some() => {
-                // Already ternary (HF offline quantization): the checkpoint's trits and scale.
-                let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+        let previous = pending.take();
+        let (emitted, made) = rayon::join(
+            || match previous {
+                Some((j, m)) => emit(ckpt, j, m, rotation, writer, out, opts, progress, timings),
+                None => Ok(()),
+            },
+            || make(ckpt, job, rotation, opts, timings),
+        );
+        // The earlier tensor's error first: errors come in tensor order.
+        emitted?;
+        pending = Some((job, made?));
+    }
+    if let Some((j, m)) = pending {
+        emit(ckpt, j, m, rotation, writer, out, opts, progress, timings)?;
+    }
+    Ok(())
+}
+
+/// The error for a non-finite value at flat index `index` of a job's source tensor.
+fn non_finite(ckpt: &Checkpoint, job: &Job<'_>, index: usize, value: f32) -> ConvertError {
+    let t = job.source;
+    ConvertError::NonFinite {
+        path: ckpt.shards[t.shard].path.clone(),
+        tensor: t.spec.name.clone(),
+        index: unravel(index, &t.spec.shape),
+        value,
+    }
+}
+
+/// The error for a value beyond the range of the stored type.
+fn overflow(
+    ckpt: &Checkpoint,
+    job: &Job<'_>,
+    index: usize,
+    value: f32,
+    dtype: FloatDtype,
+) -> ConvertError {
+    ConvertError::Overflow {
+        path: ckpt.shards[job.source.shard].path.clone(),
+        tensor: job.spec.name.clone(),
+        index: unravel(index, &job.spec.shape),
+        value,
+        dtype: dtype.as_str(),
+    }
+}
+
+/// The first stage for one tensor: ternarizes a projection into its packed bytes, or checks a
+/// float tensor's values (and hands over its source bytes when they are stored as they are).
+fn make<'c>(
+    ckpt: &'c Checkpoint,
+    job: &Job<'c>,
+    rotation: Option<&Rotation>,
+    opts: &ConvertOptions,
+    timings: &Timings,
+) -> Result<Made<'c>, ConvertError> {
+    let t = job.source;
+    let bytes = ckpt.bytes(t);
+    let role = job.spec.role;
+    let target = opts.keep.unwrap_or(t.dtype);
+    let packed = |scale: f32, packed: Vec<u8>| Made::Bytes {
+        scale: Some(scale),
+        bytes: Cow::Owned(packed),
+    };
+    match (role.is_ternary(), rotation) {
+        (true, None) if t.ternary.is_some() => {
+            // Already ternary (HF offline quantization): the checkpoint's trits and scale.
+            let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+            let a = t.ternary.as_ref().map(|ts| ts.a).unwrap_or(0.0);
+            timings.ternarize.time(|| {
                 let trits = ckpt.trits(t)?;
-                let a = t.ternary.as_ref().map(|ts| ts.a).unwrap_or(0.0);
                 let rb = opts.layout.row_bytes(k);
-                let mut packed = vec![0u8; rows * rb];
-                for (src, dst) in trits.chunks_exact(k).zip(packed.chunks_exact_mut(rb)) {
+                let mut out = vec![0u8; rows * rb];
+                for (src, dst) in trits.chunks_exact(k).zip(out.chunks_exact_mut(rb)) {
                     opts.layout.pack_row(src, dst);
                 }
-                writer
-                    .write_tensor(Some(a), |sink| sink.write_all(&packed))
-                    .map_err(out_path)?;
-            }
-            (true, None) => {
-                let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
-                let (scale, packed) = ternarize(t.dtype, bytes, rows, k, opts.layout)
-                    .map_err(|(i, v)| non_finite(i, v))?;
-                writer
-                    .write_tensor(Some(scale.scale), |sink| sink.write_all(&packed))
-                    .map_err(out_path)?;
-            }
-            (true, Some(rot)) => {
-                // Transform stage: the whole projection in f32 (a writer's columns mix every
-                // row), rotated, then ternarized from f32.
+                Ok(packed(a, out))
+            })
+        }
+        (true, None) => {
+            let (rows, k) = (t.spec.shape[0], t.spec.shape[1]);
+            let (scale, out) =
+                ternarize_timed(t.dtype, bytes, rows, k, opts.layout, &timings.ternarize)
+                    .map_err(|(i, v)| non_finite(ckpt, job, i, v))?;
+            Ok(packed(scale.scale, out))
+        }
+        (true, Some(rot)) => {
+            // Transform stage: the whole projection in f32 (a writer's columns mix every
+            // row), rotated, then ternarized from f32.
+            let f = timings.ternarize.time(|| {
                 if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
-                    return Err(non_finite(i, v));
+                    return Err(non_finite(ckpt, job, i, v));
                 }
                 let (rows, k) = (job.spec.shape[0], job.spec.shape[1]);
                 let mut w = vec![0f32; rows * k];
@@ -502,57 +656,124 @@ fn write_tensors(
                 rot.fold(role, &mut w, k, gain.as_deref());
                 let mut f = Vec::with_capacity(w.len() * 4);
                 encode_f32(FloatDtype::F32, &w, &mut f);
-                drop(w);
-                let (scale, packed) = ternarize(FloatDtype::F32, &f, rows, k, opts.layout)
-                    .map_err(|(i, v)| non_finite(i, v))?;
-                writer
-                    .write_tensor(Some(scale.scale), |sink| sink.write_all(&packed))
-                    .map_err(out_path)?;
-            }
-            (false, None) => {
-                if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
-                    return Err(non_finite(i, v));
-                }
-                if let Some((i, v)) = first_overflow(t.dtype, target, bytes) {
-                    return Err(overflow(i, v, target));
-                }
-                let compress = opts.compress;
-                writer
-                    .write_tensor(None, |sink| {
-                        copy_float(t.dtype, target, compress, bytes, sink)
-                    })
-                    .map_err(out_path)?;
-            }
-            (false, Some(rot)) => {
-                if let Some((i, v)) = first_non_finite(t.dtype, bytes) {
-                    return Err(non_finite(i, v));
-                }
-                let gain = gain_of(ckpt, role, job.spec.layer)?;
-                let mut first_bad: Option<(usize, f32)> = None;
-                let total = bytes.len() / t.dtype.size();
-                let written = writer.write_tensor(None, |sink| {
-                    let mut out = float_writer(target, opts.compress, total, sink)?;
-                    let mut enc = Vec::new();
-                    rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |start, values| {
-                        if let Some(p) = values.iter().position(|v| !representable(*v, target)) {
-                            first_bad = Some((start + p, values[p]));
-                            return Err(io::Error::other("a value beyond the stored type"));
-                        }
-                        enc.clear();
-                        encode_f32(target, values, &mut enc);
-                        out.write_all(&enc)
-                    })?;
-                    out.flush()
-                });
-                if let Some((i, v)) = first_bad {
-                    return Err(overflow(i, v, target));
-                }
-                written.map_err(out_path)?;
-            }
+                Ok(f)
+            })?;
+            let (rows, k) = (job.spec.shape[0], job.spec.shape[1]);
+            let (scale, out) = ternarize_timed(
+                FloatDtype::F32,
+                &f,
+                rows,
+                k,
+                opts.layout,
+                &timings.ternarize,
+            )
+            .map_err(|(i, v)| non_finite(ckpt, job, i, v))?;
+            Ok(packed(scale.scale, out))
         }
+        (false, rot) => {
+            if let Some((i, v)) = first_non_finite_timed(t.dtype, bytes, &timings.float) {
+                return Err(non_finite(ckpt, job, i, v));
+            }
+            if rot.is_some() || (opts.q8_outputs && is_q8_role(role)) {
+                return Ok(Made::Streamed);
+            }
+            if let Some((i, v)) = timings
+                .float
+                .time(|| first_overflow(t.dtype, target, bytes))
+            {
+                return Err(overflow(ckpt, job, i, v, target));
+            }
+            Ok(if target == t.dtype && !opts.compress {
+                Made::Bytes {
+                    scale: None,
+                    bytes: Cow::Borrowed(bytes),
+                }
+            } else {
+                Made::Streamed
+            })
+        }
+    }
+}
+
+/// The second stage for one tensor: writes what [`make`] produced (streaming a re-encoded,
+/// compressed or rotated float tensor from the source), then releases the source's pages.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    ckpt: &Checkpoint,
+    job: &Job<'_>,
+    made: Made<'_>,
+    rotation: Option<&Rotation>,
+    writer: &mut BpkWriter,
+    out: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    timings: &Timings,
+) -> Result<(), ConvertError> {
+    let out_path = |error: WriteError| write_error(out, error);
+    let t = job.source;
+    let bytes = ckpt.bytes(t);
+    let target = opts.keep.unwrap_or(t.dtype);
+    if opts.q8_outputs && is_q8_role(job.spec.role) {
+        let start = Instant::now();
+        let before = writer.times();
+        write_q8(ckpt, job, rotation, writer, out)?;
+        let after = writer.times();
+        let sink = (after.hash + after.write).saturating_sub(before.hash + before.write);
+        timings.float.add(start.elapsed().saturating_sub(sink));
         ckpt.release(t);
         progress(bytes.len() as u64);
+        return Ok(());
     }
+    match made {
+        Made::Bytes { scale, bytes } => {
+            writer.write_tensor_bytes(scale, &bytes).map_err(out_path)?
+        }
+        Made::Streamed => {
+            // The float stage's time is the stream's, less the writer's hashing and writing.
+            let before = writer.times();
+            let start = Instant::now();
+            let result = match rotation {
+                None => {
+                    let compress = opts.compress;
+                    writer
+                        .write_tensor(None, |sink| {
+                            copy_float(t.dtype, target, compress, bytes, sink)
+                        })
+                        .map_err(out_path)
+                }
+                Some(rot) => {
+                    let gain = gain_of(ckpt, job.spec.role, job.spec.layer)?;
+                    let mut first_bad: Option<(usize, f32)> = None;
+                    let total = bytes.len() / t.dtype.size();
+                    let written = writer.write_tensor(None, |sink| {
+                        let mut out = float_writer(target, opts.compress, total, sink)?;
+                        let mut enc = Vec::new();
+                        rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |start, values| {
+                            if let Some(p) = values.iter().position(|v| !representable(*v, target))
+                            {
+                                first_bad = Some((start + p, values[p]));
+                                return Err(io::Error::other("a value beyond the stored type"));
+                            }
+                            enc.clear();
+                            encode_f32(target, values, &mut enc);
+                            out.write_all(&enc)
+                        })?;
+                        out.flush()
+                    });
+                    match first_bad {
+                        Some((i, v)) => Err(overflow(ckpt, job, i, v, target)),
+                        None => written.map_err(out_path),
+                    }
+                }
+            };
+            let after = writer.times();
+            let sink = (after.hash + after.write).saturating_sub(before.hash + before.write);
+            timings.float.add(start.elapsed().saturating_sub(sink));
+            result?;
+        }
+    }
+    ckpt.release(t);
+    progress(bytes.len() as u64);
     Ok(())
 }
 
@@ -649,6 +870,10 @@ pub fn unravel(mut index: usize, shape: &[usize]) -> Vec<usize> {
     out
 }
 
+/// Rows in one piece of parallel ternarization work (and one timing reading): 16 rows of 2560
+/// bf16 weights are 80 KB of source.
+const ROWS_PER_TASK: usize = 16;
+
 /// Ternarizes a `[rows, k]` tensor of `dtype` elements: returns its absmean scale and its rows
 /// packed in `layout`, or the flat index and value of the first non-finite element.
 pub fn ternarize(
@@ -658,34 +883,85 @@ pub fn ternarize(
     k: usize,
     layout: TernaryLayout,
 ) -> Result<(AbsmeanScale, Vec<u8>), (usize, f32)> {
+    ternarize_timed(dtype, bytes, rows, k, layout, &Busy::default())
+}
+
+/// [`ternarize`], adding the time each piece of work took to `busy`.
+pub fn ternarize_timed(
+    dtype: FloatDtype,
+    bytes: &[u8],
+    rows: usize,
+    k: usize,
+    layout: TernaryLayout,
+    busy: &Busy,
+) -> Result<(AbsmeanScale, Vec<u8>), (usize, f32)> {
     let src_row = k * dtype.size();
+    let src_task = src_row * ROWS_PER_TASK;
     // Pass 1: per-row f64 sums, combined in row order (so independent of the thread count).
-    let sums: Vec<Result<f64, (usize, f32)>> = bytes
-        .par_chunks(src_row)
+    let mut sums = vec![0f64; rows];
+    let bad: Vec<Option<(usize, f32)>> = sums
+        .par_chunks_mut(ROWS_PER_TASK)
+        .zip(bytes.par_chunks(src_task))
         .enumerate()
         .map_init(
             || vec![0f32; k],
-            |buf, (r, src)| row_abs_sum(dtype, src, buf).map_err(|i| (r * k + i, buf[i])),
+            |buf, (c, (dst, src))| {
+                let start = Instant::now();
+                let mut bad = None;
+                for (j, (d, row)) in dst.iter_mut().zip(src.chunks(src_row)).enumerate() {
+                    match row_abs_sum(dtype, row, buf) {
+                        Ok(s) => *d = s,
+                        Err(i) => {
+                            bad = Some(((c * ROWS_PER_TASK + j) * k + i, buf[i]));
+                            break;
+                        }
+                    }
+                }
+                busy.add(start.elapsed());
+                bad
+            },
         )
         .collect();
+    if let Some(first) = bad.into_iter().flatten().next() {
+        return Err(first);
+    }
     let mut total = 0f64;
     for s in sums {
-        total += s?;
+        total += s;
     }
     let scale = AbsmeanScale::from_abs_sum(total, rows * k);
     // Pass 2: ternarize and pack each row.
     let row_bytes = layout.row_bytes(k);
     let mut packed = vec![0u8; rows * row_bytes];
     packed
-        .par_chunks_mut(row_bytes)
-        .zip(bytes.par_chunks(src_row))
+        .par_chunks_mut(row_bytes * ROWS_PER_TASK)
+        .zip(bytes.par_chunks(src_task))
         .for_each_init(
             || (vec![0f32; k], vec![0i8; k]),
             |(buf, trits), (dst, src)| {
-                row_ternarize(dtype, src, &scale, layout, buf, trits, dst);
+                let start = Instant::now();
+                for (d, row) in dst.chunks_mut(row_bytes).zip(src.chunks(src_row)) {
+                    row_ternarize(dtype, row, &scale, layout, buf, trits, d);
+                }
+                busy.add(start.elapsed());
             },
         );
     Ok((scale, packed))
+}
+
+/// [`first_non_finite`], adding the time each chunk took to `busy`.
+fn first_non_finite_timed(dtype: FloatDtype, bytes: &[u8], busy: &Busy) -> Option<(usize, f32)> {
+    let chunk = STREAM_CHUNK * dtype.size();
+    bytes
+        .par_chunks(chunk)
+        .enumerate()
+        .map(|(c, src)| {
+            busy.time(|| {
+                first_non_finite_serial(dtype, src).map(|(i, v)| (c * STREAM_CHUNK + i, v))
+            })
+        })
+        .find_first(Option::is_some)
+        .flatten()
 }
 
 /// The flat index and value of the first element that is finite in `source` but not in
@@ -769,6 +1045,101 @@ mod tests {
         let err = ternarize(FloatDtype::F32, &bytes, 3, 4, TernaryLayout::I2).unwrap_err();
         assert_eq!(err.0, 7);
         assert!(err.1.is_nan());
+    }
+
+    /// Rows span several pieces of parallel work: the first bad value in row order is the one
+    /// reported, whichever piece finishes first, and the result does not depend on the pool.
+    #[test]
+    fn ternarize_reports_the_first_bad_row_across_pieces_of_work() {
+        let (rows, k) = (5 * ROWS_PER_TASK + 3, 130);
+        let mut vals: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let mut bytes = Vec::new();
+        encode_f32(FloatDtype::F32, &vals, &mut bytes);
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        let ok1 =
+            pool(1).install(|| ternarize(FloatDtype::F32, &bytes, rows, k, TernaryLayout::I2));
+        let ok3 =
+            pool(3).install(|| ternarize(FloatDtype::F32, &bytes, rows, k, TernaryLayout::I2));
+        let (s1, p1) = ok1.unwrap();
+        let (s3, p3) = ok3.unwrap();
+        assert_eq!(s1.scale.to_bits(), s3.scale.to_bits());
+        assert_eq!(p1, p3);
+
+        let late = (4 * ROWS_PER_TASK + 1) * k + 9;
+        let early = (2 * ROWS_PER_TASK + 5) * k + 100;
+        vals[late] = f32::NAN;
+        vals[early] = f32::NEG_INFINITY;
+        let mut bytes = Vec::new();
+        encode_f32(FloatDtype::F32, &vals, &mut bytes);
+        for n in [1, 3] {
+            let err = pool(n)
+                .install(|| ternarize(FloatDtype::F32, &bytes, rows, k, TernaryLayout::I2))
+                .unwrap_err();
+            assert_eq!(err.0, early, "{n} threads");
+            assert_eq!(err.1, f32::NEG_INFINITY);
+        }
+    }
+
+    /// The report accounts for the work of a real conversion: every source shard hashed, rows
+    /// ternarized, output hashed and written, and no stage longer than the wall time allows.
+    #[test]
+    fn timings_account_for_a_conversion() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-sharded");
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = ConvertOptions {
+            layout: TernaryLayout::I2,
+            keep: None,
+            q8_outputs: false,
+            compress: false,
+            force: false,
+            scheme: SchemeOptions::default(),
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let s = pool
+            .install(|| convert(&src, &tmp.path().join("m.bpk"), &opts, &|_| {}))
+            .unwrap();
+        let t = &s.timings;
+        assert_eq!(t.threads, 2);
+        assert_eq!(t.source_files, 2);
+        for (name, v) in [
+            ("source hash", t.source_hash_busy_s),
+            ("ternarize", t.ternarize_busy_s),
+            ("float", t.float_busy_s),
+            ("output hash", t.output_hash_busy_s),
+            ("write", t.write_busy_s),
+            ("total", t.total_wall_s),
+        ] {
+            assert!(v > 0.0, "{name}: {v}");
+        }
+        // Busy time adds over threads: at most the workers (and the direct I/O thread is not
+        // counted) times the wall time.
+        let busy = t.source_hash_busy_s
+            + t.ternarize_busy_s
+            + t.float_busy_s
+            + t.output_hash_busy_s
+            + t.write_busy_s;
+        assert!(
+            busy <= 2.0 * t.total_wall_s + 0.05,
+            "{busy} > 2 x {}",
+            t.total_wall_s
+        );
+        assert!(t.source_hash_wall_s <= t.total_wall_s);
+        assert!(t.open_s + t.finalize_s <= t.total_wall_s);
+        assert!(
+            t.verify_export_s < 0.01,
+            "no verification: {}",
+            t.verify_export_s
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -14,6 +15,13 @@ use crate::fsio::{self, FileError};
 /// checkpoint) while keeping at most one window resident. Small files, and files that cannot
 /// be mapped, are read.
 pub fn sha256_file(path: &Path) -> Result<String, FileError> {
+    let never = AtomicBool::new(false);
+    Ok(sha256_file_unless(path, &never)?.expect("never cancelled"))
+}
+
+/// [`sha256_file`], giving up (`Ok(None)`) once `cancel` is set: it is checked before each
+/// window or read, so a hash nobody needs any more stops within a window's time.
+pub fn sha256_file_unless(path: &Path, cancel: &AtomicBool) -> Result<Option<String>, FileError> {
     const WINDOW: u64 = 64 << 20;
     let mut file = fsio::open_regular(path)?;
     let mut hasher = Sha256::new();
@@ -27,6 +35,9 @@ pub fn sha256_file(path: &Path) -> Result<String, FileError> {
     if len >= WINDOW {
         let mut offset = 0;
         while offset < len {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
             let n = WINDOW.min(len - offset);
             // SAFETY: a read-only private map of a range of the file; as for the checkpoint's
             // own maps, the file must not be truncated while it is read.
@@ -43,7 +54,7 @@ pub fn sha256_file(path: &Path) -> Result<String, FileError> {
             offset += n;
         }
         if offset == len {
-            return Ok(hex(&hasher.finalize()));
+            return Ok(Some(hex(&hasher.finalize())));
         }
         // Mapping failed part way: start over by reading.
         hasher = Sha256::new();
@@ -51,6 +62,9 @@ pub fn sha256_file(path: &Path) -> Result<String, FileError> {
     }
     let mut buf = vec![0u8; 4 << 20];
     loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let n = file.read(&mut buf).map_err(|error| FileError::Io {
             path: path.to_path_buf(),
             error,
@@ -60,7 +74,7 @@ pub fn sha256_file(path: &Path) -> Result<String, FileError> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(Some(hex(&hasher.finalize())))
 }
 
 /// Lower-case hex of a byte string.
@@ -90,5 +104,8 @@ mod tests {
             sha256_file(&small).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+        let cancelled = AtomicBool::new(true);
+        assert_eq!(sha256_file_unless(&big, &cancelled).unwrap(), None);
+        assert_eq!(sha256_file_unless(&small, &cancelled).unwrap(), None);
     }
 }

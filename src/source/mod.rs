@@ -362,38 +362,6 @@ impl Checkpoint {
         };
     }
 
-    /// SHA-256 of every shard file, in shard order, each read through one small mapped window
-    /// at a time ([`sha256_file`]), so that hashing adds little to resident memory.
-    ///
-    /// SHA-256 is sequential within a file, so up to `threads` shards are hashed at once, each
-    /// on its own scoped thread; with one thread (or one shard) they are hashed in turn.
-    pub fn hash_shards(&self, threads: usize) -> Result<Vec<String>, SourceError> {
-        let workers = threads.clamp(1, self.shards.len().max(1));
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut results: Vec<Option<Result<String, SourceError>>> =
-            (0..self.shards.len()).map(|_| None).collect();
-        let slots = std::sync::Mutex::new(&mut results);
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(shard) = self.shards.get(i) else {
-                            break;
-                        };
-                        let digest =
-                            crate::num::digest::sha256_file(&shard.path).map_err(SourceError::from);
-                        slots.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(digest);
-                    }
-                });
-            }
-        });
-        results
-            .into_iter()
-            .map(|r| r.expect("every shard index is taken by one worker"))
-            .collect()
-    }
-
     /// The trits of an already-ternary projection (`[out, in]`, row-major), checked.
     pub fn trits(&self, t: &SourceTensor) -> Result<Vec<i8>, SourceError> {
         let Some(ts) = &t.ternary else {
