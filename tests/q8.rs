@@ -239,3 +239,49 @@ fn q8_survives_gguf_and_reaches_hf_as_its_values() {
     }
     assert_eq!(f32s(&t.data), want);
 }
+
+/// `--keep q8` applies to HF checkpoints; a .bpk or GGUF source is refused, not silently
+/// converted without it.
+#[test]
+fn keep_q8_is_refused_for_sources_that_are_not_hf_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-gguf-2b4t"), &bpk, &[]);
+    let gguf = tmp.path().join("m.gguf");
+    run_ok(&["convert", s(&bpk), "-o", s(&gguf)]);
+    for src in [bpk, gguf] {
+        let out = tmp.path().join("out.gguf");
+        let o = bin(&["convert", s(&src), "-o", s(&out), "--keep", "q8"]);
+        assert_ne!(code(&o), 0, "{}", stderr(&o));
+        assert!(stderr(&o).contains("--keep q8"), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
+}
+
+/// A value whose block scale would overflow f16 is refused with its tensor and index, and
+/// nothing is left at the target.
+#[test]
+fn keep_q8_refuses_a_block_scale_beyond_f16() {
+    let dir = copy_fixture("tiny-2b4t-qat");
+    edit_tensors(dir.path(), |ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.name == "model.embed_tokens.weight")
+            .unwrap();
+        assert_eq!(t.dtype, safetensors::Dtype::BF16);
+        // 1e7 in bf16 at [2, 3]: finite in bf16 and f32, but 1e7 / 127 is beyond f16.
+        let cols = t.shape[1];
+        let at = 2 * (2 * cols + 3);
+        let bits = (1.0e7f32.to_bits() >> 16) as u16;
+        t.data[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+    });
+    let out = dir.path().join("x.bpk");
+    let o = bin(&["convert", s(dir.path()), "-o", s(&out), "--keep", "q8"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("model.embed_tokens.weight") && e.contains("[2, 3]") && e.contains("q8_0"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

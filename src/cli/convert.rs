@@ -136,6 +136,12 @@ pub fn run(a: ConvertArgs) -> anyhow::Result<ExitCode> {
             a.src.display()
         );
     }
+    if opts.q8_outputs && (src_is_bpk || src_is_gguf) {
+        anyhow::bail!(
+            "--keep q8 quantizes the embedding and head of an HF checkpoint; {} is not one (its tensors are written as they are stored; convert the HF checkpoint with --keep q8 instead)",
+            a.src.display()
+        );
+    }
     if src_is_bpk {
         bar.finish_and_clear();
         return export_bpk(&a, to, class, gguf_type, gguf_embed);

@@ -492,23 +492,30 @@ fn write_q8(
     let t = job.source;
     let bytes = ckpt.bytes(t);
     let cols = job.spec.shape[1];
-    let quantize = |values: &[f32], enc: &mut Vec<u8>| {
+    // A block scale max|x| / 127 beyond f16's range cannot be stored: the first such value.
+    let mut first_bad: Option<(usize, f32)> = None;
+    let mut quantize = |start: usize, values: &[f32], enc: &mut Vec<u8>| -> io::Result<()> {
+        if let Some(p) = values.iter().position(|v| !q8::scale_fits(v.abs())) {
+            first_bad = Some((start + p, values[p]));
+            return Err(io::Error::other("a value beyond the q8_0 scale's range"));
+        }
         enc.resize(values.len() / cols * q8::row_bytes(cols), 0);
         enc.par_chunks_mut(q8::row_bytes(cols))
             .zip(values.par_chunks(cols))
             .for_each(|(o, v)| q8::quantize_row(v, o));
+        Ok(())
     };
     let mut enc = Vec::new();
-    match rotation {
+    let written = match rotation {
         None => {
             let size = t.dtype.size();
             let rows_per_chunk = (STREAM_CHUNK * 16 / cols).max(1);
             let mut values = vec![0f32; rows_per_chunk * cols];
             writer.write_tensor(None, |sink| {
-                for c in bytes.chunks(rows_per_chunk * cols * size) {
+                for (i, c) in bytes.chunks(rows_per_chunk * cols * size).enumerate() {
                     let n = c.len() / size;
                     decode_f32(t.dtype, c, &mut values[..n]);
-                    quantize(&values[..n], &mut enc);
+                    quantize(i * rows_per_chunk * cols, &values[..n], &mut enc)?;
                     sink.write_all(&enc)?;
                 }
                 Ok(())
@@ -517,14 +524,23 @@ fn write_q8(
         Some(rot) => {
             let gain = gain_of(ckpt, job.spec.role, job.spec.layer)?;
             writer.write_tensor(None, |sink| {
-                rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |_, values| {
-                    quantize(values, &mut enc);
+                rotated_floats(ckpt, job, rot, gain.as_deref(), &mut |start, values| {
+                    quantize(start, values, &mut enc)?;
                     sink.write_all(&enc)
                 })
             })
         }
+    };
+    if let Some((index, value)) = first_bad {
+        return Err(ConvertError::Overflow {
+            path: ckpt.shards[t.shard].path.clone(),
+            tensor: job.spec.name.clone(),
+            index: unravel(index, &job.spec.shape),
+            value,
+            dtype: "q8_0",
+        });
     }
-    .map_err(|e| write_error(out, e))?;
+    written.map_err(|e| write_error(out, e))?;
     Ok(())
 }
 

@@ -48,7 +48,7 @@ pub const FLAG_EXTENDED_QUANT: u32 = 1;
 /// Preamble flag (§2, 1.2): some tensor uses the `t5` encoding (§5.3); a reader that does not
 /// implement it must refuse the file (a 1.0 or 1.1 reader does, as it refuses any bit but 0).
 pub const FLAG_DENSE_TERNARY: u32 = 2;
-/// Preamble flag (§2, 1.3): some tensor uses the `q8_0` encoding (§5.4); a reader that does
+/// Preamble flag (§2, 1.3): some tensor uses the `q8_0` encoding (§5.5); a reader that does
 /// not implement it must refuse the file (a 1.2 or older reader does, as it refuses bit 2).
 pub const FLAG_BLOCK_Q8: u32 = 4;
 /// Every flag this build understands.

@@ -130,8 +130,10 @@ pub enum DiskMode {
 
 /// A .bpk file being written.
 pub struct BpkWriter {
-    tmp: Option<AtomicFile>,
+    /// Declared before `tmp` so that it drops first: a direct-I/O writer stops and joins its
+    /// thread before the temporary file is removed.
     out: DataOut,
+    tmp: Option<AtomicFile>,
     header: Header,
     plans: Vec<TensorPlan>,
     next: usize,

@@ -79,13 +79,32 @@ pub struct DirectWriter {
     io: Option<JoinHandle<()>>,
     /// Whether the writing thread is using direct I/O (until a refusal makes it fall back).
     direct: bool,
+    /// The first error, once there has been one: every later call returns it again (a
+    /// caller such as a zstd encoder being dropped may still write after an error).
+    failed: Option<Failure>,
+}
+
+/// What is kept of the first error, to report it again ([`io::Error`] is not `Clone`).
+struct Failure {
+    kind: io::ErrorKind,
+    os: Option<i32>,
+    text: String,
+}
+
+impl Failure {
+    fn error(&self) -> io::Error {
+        match self.os {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(self.kind, self.text.clone()),
+        }
+    }
 }
 
 impl DirectWriter {
     /// Starts writing the file at `path` (open as `plain`) at `offset`. `None` if the file
     /// system does not take direct I/O (nothing has been written then).
     pub fn create(path: &Path, plain: &File, offset: u64) -> Option<Self> {
-        let direct = open_direct(path)?;
+        let direct = open_direct(path, plain)?;
         Self::with(Some(direct), plain, offset, BUF_LEN).ok()
     }
 
@@ -114,6 +133,7 @@ impl DirectWriter {
             from_io,
             io: Some(io),
             direct: using_direct,
+            failed: None,
         })
     }
 
@@ -125,11 +145,14 @@ impl DirectWriter {
     /// Writes what is left (the last block padded with zeros), waits for every write, and cuts
     /// the file at [`DirectWriter::position`], which it returns.
     pub fn finish(mut self) -> io::Result<u64> {
+        self.check()?;
         let end = self.position();
         if self.fill > 0 {
             let padded = self.fill.div_ceil(BLOCK) * BLOCK;
             let fill = self.fill;
-            let buf = self.buf.as_mut().expect("a buffer is held between writes");
+            let Some(buf) = self.buf.as_mut() else {
+                return Err(io::Error::other("the direct I/O writer has no buffer"));
+            };
             buf.bytes_mut()[fill..padded].fill(0);
             self.submit(padded)?;
         }
@@ -150,9 +173,38 @@ impl DirectWriter {
         self.direct
     }
 
+    /// Records `e` as the writer's failure (the first one stays) and returns it.
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        if self.failed.is_none() {
+            self.failed = Some(Failure {
+                kind: e.kind(),
+                os: e.raw_os_error(),
+                text: e.to_string(),
+            });
+        }
+        e
+    }
+
+    /// The recorded failure, as an error, if there was one.
+    fn check(&self) -> io::Result<()> {
+        match &self.failed {
+            Some(f) => Err(f.error()),
+            None => Ok(()),
+        }
+    }
+
     /// Hands the current buffer's first `len` bytes to the writing thread and takes another.
+    /// After an error the writer holds no buffer and refuses every later call with that error.
     fn submit(&mut self, len: usize) -> io::Result<()> {
-        let buf = self.buf.take().expect("a buffer is held between writes");
+        self.submit_inner(len).map_err(|e| self.fail(e))
+    }
+
+    fn submit_inner(&mut self, len: usize) -> io::Result<()> {
+        self.check()?;
+        let buf = self
+            .buf
+            .take()
+            .ok_or_else(|| io::Error::other("the direct I/O writer has no buffer"))?;
         let job = Job {
             buf,
             offset: self.start,
@@ -160,11 +212,12 @@ impl DirectWriter {
         };
         let sender = self.to_io.as_ref().expect("open until finished");
         if sender.send(job).is_err() {
-            // The thread has stopped: it sent its error before it did.
-            return Err(self
-                .wait_one()
-                .err()
-                .unwrap_or_else(|| io::Error::other("the direct I/O thread stopped")));
+            // The thread has stopped: it sent its error before it did, possibly behind the
+            // results of earlier writes that went well.
+            while self.in_flight > 0 {
+                self.wait_one()?;
+            }
+            return Err(io::Error::other("the direct I/O thread stopped"));
         }
         self.in_flight += 1;
         self.start += len as u64;
@@ -192,9 +245,12 @@ impl DirectWriter {
 
 impl Write for DirectWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.check()?;
         let mut rest = data;
         while !rest.is_empty() {
-            let buf = self.buf.as_mut().expect("a buffer is held between writes");
+            let Some(buf) = self.buf.as_mut() else {
+                return Err(io::Error::other("the direct I/O writer has no buffer"));
+            };
             let cap = buf.len();
             let n = rest.len().min(cap - self.fill);
             buf.bytes_mut()[self.fill..self.fill + n].copy_from_slice(&rest[..n]);
@@ -254,19 +310,24 @@ fn io_loop(
 }
 
 /// A second handle on the file at `path` with `O_DIRECT` (a flag of the open file description,
-/// so it cannot be set on a duplicate of the ordinary handle without affecting it).
+/// so it cannot be set on a duplicate of the ordinary handle without affecting it). The path is
+/// opened again, so it must still name the file `plain` has open: no symbolic link is
+/// followed, and the device and inode must match; otherwise there is no direct handle and the
+/// writer keeps to `plain`.
 #[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+fn open_direct(path: &Path, plain: &File) -> Option<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
-        .ok()
+        .ok()?;
+    let (a, b) = (f.metadata().ok()?, plain.metadata().ok()?);
+    (a.dev() == b.dev() && a.ino() == b.ino()).then_some(f)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> Option<File> {
+fn open_direct(_path: &Path, _plain: &File) -> Option<File> {
     None
 }
 
@@ -286,7 +347,11 @@ mod tests {
             .create_new(true)
             .open(&path)
             .unwrap();
-        let handle = if direct { open_direct(&path) } else { None };
+        let handle = if direct {
+            open_direct(&path, &plain)
+        } else {
+            None
+        };
         let mut w = DirectWriter::with(handle, &plain, offset, buf_len).unwrap();
         let data: Vec<u8> = (0..total).map(|i| (i * 7 + i / 251) as u8).collect();
         let sizes = [
@@ -341,6 +406,32 @@ mod tests {
         }
     }
 
+    /// The direct handle is refused when the path no longer names the file being written
+    /// (here a symbolic link to another file put in its place).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_direct_handle_must_be_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, other) = (dir.path().join("f"), dir.path().join("other"));
+        let plain = File::create(&path).unwrap();
+        // The positive control first: where the file system takes no direct I/O at all, the
+        // refusals below would prove nothing.
+        if open_direct(&path, &plain).is_none() {
+            eprintln!("skipped: this file system refuses O_DIRECT");
+            return;
+        }
+        std::fs::write(&other, b"").unwrap();
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        std::os::unix::fs::symlink(&other, &path).unwrap();
+        assert!(open_direct(&path, &plain).is_none(), "a symbolic link");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert!(
+            open_direct(&path, &plain).is_none(),
+            "another file at the path"
+        );
+    }
+
     #[test]
     fn a_failed_write_is_reported_not_lost() {
         let dir = tempfile::tempdir().unwrap();
@@ -350,8 +441,13 @@ mod tests {
         let ro = File::open(&path).unwrap();
         let mut w = DirectWriter::with(None, &ro, 0, BLOCK).unwrap();
         let r = w.write_all(&vec![1u8; 10 * BLOCK]);
-        assert!(r.is_err());
-        drop(w);
+        // The operating system's own error (a read-only descriptor), not a stand-in.
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        // Writing again after the error (as a dropped zstd encoder does) reports the same
+        // error instead of panicking, and so does finishing.
+        let again = w.write(&[1u8; 3 * BLOCK]);
+        assert_eq!(again.unwrap_err().raw_os_error(), Some(libc::EBADF));
+        assert_eq!(w.finish().unwrap_err().raw_os_error(), Some(libc::EBADF));
         let w = DirectWriter::with(None, &ro, 0, BLOCK).unwrap();
         let mut w = w;
         w.write_all(&[1, 2, 3]).unwrap();

@@ -3,7 +3,7 @@
 //! signed bytes `q`, the value being `d * q`. Byte for byte GGML's `Q8_0` block, and quantized
 //! as GGML's reference does: `d = max|x| / 127`, `q = round(x / d)` (computed as `x * (1 / d)`
 //! in f32, halves away from zero; all zero when `d` is zero), `d` then stored as f16.
-//! Spec: formats/bpk.md §5.4.
+//! Spec: formats/bpk.md §5.5.
 
 use half::f16;
 
@@ -22,6 +22,12 @@ pub fn row_bytes(k: usize) -> usize {
 #[inline(always)]
 pub fn scale(block: &[u8]) -> f32 {
     f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32()
+}
+
+/// Whether a block whose largest magnitude is `amax` gets a finite f16 scale `amax / 127`
+/// (false from about 8.3e6 up, and for NaN).
+pub fn scale_fits(amax: f32) -> bool {
+    f16::from_f32(amax / 127.0).is_finite()
 }
 
 /// Quantizes one row (`x.len()` a multiple of [`BLOCK`]) into `out` ([`row_bytes`] long).
@@ -46,7 +52,9 @@ fn round_half_away(v: f32) -> i8 {
     let t = v as i32;
     let frac = v - t as f32;
     let step = i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
-    (t + step).clamp(-128, 127) as i8
+    // Saturating: `v` is infinite when a block's scale underflows to zero (its values are
+    // then stored as zeros times a zero scale, whatever the codes).
+    t.saturating_add(step).clamp(-128, 127) as i8
 }
 
 /// The values of one row.

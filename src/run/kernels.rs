@@ -322,7 +322,8 @@ pub fn dot_small_with(
     debug_assert!(q.iter().all(|&v| i32::from(v).abs() <= SMALL_ACTIVATION));
     #[cfg(target_arch = "x86_64")]
     {
-        if isa == Isa::Avx2 && layout == TernaryLayout::I2 {
+        // One `i2` token goes to the AVX2 build under AVX-512 too (see `dot_with`).
+        if matches!(isa, Isa::Avx2 | Isa::Avx512) && layout == TernaryLayout::I2 {
             assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
             // SAFETY: the CPU supports AVX2 (asserted just above).
             return unsafe { avx2::dot_i2_small(row, q, q_sum) };
