@@ -613,13 +613,34 @@ pub struct ForwardOutput {
 /// computes it.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let dim = w.len();
-    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+    let norm = |(xr, or): (&[f32], &mut [f32])| {
         let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
         let r = 1.0 / (ms + eps).sqrt();
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = g * (v * r);
         }
+    };
+    // Rows in parallel for a prompt (each row's sum in order, so the result does not depend
+    // on threads); one row (decoding) is not worth a fork.
+    if x.len() >= PARALLEL_MIN {
+        x.par_chunks_exact(dim)
+            .zip(out.par_chunks_exact_mut(dim))
+            .for_each(norm);
+    } else {
+        x.chunks_exact(dim)
+            .zip(out.chunks_exact_mut(dim))
+            .for_each(norm);
     }
+}
+
+/// Element count from which the element-wise steps of a forward run on every thread.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// `x += d` element by element, in parallel chunks (the residual stream of a prompt).
+fn add_into(x: &mut [f32], d: &[f32]) {
+    x.par_chunks_mut(PARALLEL_MIN)
+        .zip(d.par_chunks(PARALLEL_MIN))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
 /// Rotate-half RoPE in place on `heads` heads of `head_dim` at position `pos`.
@@ -688,9 +709,9 @@ impl<L: Linear> Transformer<'_, L> {
         let mut hidden = Vec::new();
         for (layer, state) in cache.layers.iter_mut().enumerate() {
             let attn = self.attention_update(layer, &x, n, state, &inv_freq, probe);
-            x.iter_mut().zip(&attn).for_each(|(a, d)| *a += d);
+            add_into(&mut x, &attn);
             let ffn = self.ffn_update(layer, &x, n, probe);
-            x.iter_mut().zip(&ffn).for_each(|(a, d)| *a += d);
+            add_into(&mut x, &ffn);
             if keep_hidden {
                 hidden.push(x.clone());
             }
@@ -715,9 +736,9 @@ impl<L: Linear> Transformer<'_, L> {
         let inv_freq = self.rope_inv_freq();
         for (layer, state) in cache.layers.iter_mut().enumerate() {
             let attn = self.attention_update(layer, &x, n, state, &inv_freq, &mut NoProbe);
-            x.iter_mut().zip(&attn).for_each(|(a, d)| *a += d);
+            add_into(&mut x, &attn);
             let ffn = self.ffn_update(layer, &x, n, &mut NoProbe);
-            x.iter_mut().zip(&ffn).for_each(|(a, d)| *a += d);
+            add_into(&mut x, &ffn);
         }
         cache.len += n;
         let h = self.config.hidden_size;
@@ -914,16 +935,21 @@ impl<L: Linear> Transformer<'_, L> {
             online(Role::UpProj),
             probe,
         );
-        for (gv, uv) in g.iter_mut().zip(&u) {
-            let a = match cfg.hidden_act {
-                Activation::Relu2 => {
-                    let r = gv.max(0.0);
-                    r * r
+        let act = cfg.hidden_act;
+        g.par_chunks_mut(PARALLEL_MIN)
+            .zip(u.par_chunks(PARALLEL_MIN))
+            .for_each(|(gc, uc)| {
+                for (gv, uv) in gc.iter_mut().zip(uc) {
+                    let a = match act {
+                        Activation::Relu2 => {
+                            let r = gv.max(0.0);
+                            r * r
+                        }
+                        Activation::Silu => *gv / (1.0 + (-*gv).exp()),
+                    };
+                    *gv = a * uv;
                 }
-                Activation::Silu => *gv / (1.0 + (-*gv).exp()),
-            };
-            *gv = a * uv;
-        }
+            });
         if let Some(w) = &b.ffn_sub_norm {
             let mut s = vec![0f32; g.len()];
             rms_norm(&g, w, eps, &mut s);

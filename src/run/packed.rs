@@ -63,13 +63,25 @@ impl Linear for TernaryLinear<'_> {
         }
         let padded = padded_len(self.layout, k);
         let mut q = vec![0i8; n * padded];
-        let mut factors = Vec::with_capacity(n);
-        let mut sums = Vec::with_capacity(n);
-        for (xt, qt) in x.chunks_exact(k).zip(q.chunks_exact_mut(padded)) {
+        // Tokens are quantized in parallel when there are several (a prompt).
+        let quantize = |(xt, qt): (&[f32], &mut [i8])| {
             let s = self.act.quantize(xt, qt);
-            factors.push(self.scale / s);
-            sums.push(qt.iter().map(|&v| i32::from(v)).sum::<i32>());
-        }
+            (
+                self.scale / s,
+                qt.iter().map(|&v| i32::from(v)).sum::<i32>(),
+            )
+        };
+        let (factors, sums): (Vec<f32>, Vec<i32>) = if n == 1 {
+            x.chunks_exact(k)
+                .zip(q.chunks_exact_mut(padded))
+                .map(quantize)
+                .unzip()
+        } else {
+            x.par_chunks_exact(k)
+                .zip(q.par_chunks_exact_mut(padded))
+                .map(quantize)
+                .unzip()
+        };
         if n == 1 {
             y.par_iter_mut()
                 .enumerate()
@@ -102,11 +114,13 @@ impl Linear for TernaryLinear<'_> {
                     }
                 }
             });
-        for t in 0..n {
-            for r in 0..rows {
-                y[t * rows + r] = yt[r * n + t];
-            }
-        }
+        y.par_chunks_exact_mut(rows)
+            .enumerate()
+            .for_each(|(t, yr)| {
+                for (r, o) in yr.iter_mut().enumerate() {
+                    *o = yt[r * n + t];
+                }
+            });
     }
 }
 
