@@ -1043,7 +1043,7 @@ mod tests {
                     let mut q = vec![0i8; (tokens - 1) * stride + padded];
                     for t in 0..tokens {
                         for v in &mut q[t * stride..t * stride + k] {
-                            *v = (rng.next() % 255) as i32 as i8 - 127;
+                            *v = ((rng.next() % 255) as i32 - 127) as i8;
                         }
                     }
                     let sums: Vec<i32> = (0..tokens)
