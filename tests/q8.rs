@@ -285,3 +285,28 @@ fn keep_q8_refuses_a_block_scale_beyond_f16() {
     );
     assert!(!out.exists());
 }
+
+/// With a folded rotation the embedding and the untied head are rotated, then quantized:
+/// parity finds both equal to the rotated source quantized the same way and passes.
+#[test]
+fn keep_q8_with_a_rotation_passes_parity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("rq8.bpk");
+    let src = fixture("tiny-outliers");
+    let extra = ["--rotate", "hadamard", "--keep", "q8", "--force-requantize"];
+    convert_ok(&src, &out, &extra);
+    let f = BpkFile::open(&out).unwrap();
+    let q8_roles: Vec<Role> = f
+        .header
+        .tensors
+        .iter()
+        .filter(|e| e.encoding == Encoding::Q8)
+        .map(|e| e.role)
+        .collect();
+    assert_eq!(q8_roles, [Role::Embedding, Role::LmHead]);
+    let json = run_ok(&["parity", s(&src), s(&out), "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(r["verdict"]["pass"], true, "{json}");
+    assert_eq!(r["floats"]["mismatches"].as_array().unwrap().len(), 0);
+    assert!(r["float_cost"]["kl"].as_f64().unwrap() > 0.0);
+}
