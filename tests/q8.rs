@@ -46,6 +46,24 @@ fn q8_tensor(path: &Path, role: Role) -> Vec<u8> {
     f.raw(e).unwrap().into_owned()
 }
 
+/// The file, the stored bytes of each of its tensors, and the index of the embedding.
+fn stored_tensors(path: &Path) -> (BpkFile, Vec<Vec<u8>>, usize) {
+    let f = BpkFile::open(path).unwrap();
+    let data = f
+        .header
+        .tensors
+        .iter()
+        .map(|e| f.raw(e).unwrap().into_owned())
+        .collect();
+    let i = f
+        .header
+        .tensors
+        .iter()
+        .position(|e| e.role == Role::Embedding)
+        .unwrap();
+    (f, data, i)
+}
+
 fn converted(dir: &Path) -> PathBuf {
     let out = dir.join("q8.bpk");
     convert_ok(&fixture("tiny-2b4t-qat"), &out, &["--keep", "q8"]);
@@ -118,19 +136,7 @@ fn a_q8_file_validates_runs_and_passes_parity_with_its_cost_reported() {
 fn parity_catches_an_embedding_that_is_not_the_sources_quantization() {
     let tmp = tempfile::tempdir().unwrap();
     let out = converted(tmp.path());
-    let f = BpkFile::open(&out).unwrap();
-    let mut data: Vec<Vec<u8>> = f
-        .header
-        .tensors
-        .iter()
-        .map(|e| f.raw(e).unwrap().into_owned())
-        .collect();
-    let i = f
-        .header
-        .tensors
-        .iter()
-        .position(|e| e.role == Role::Embedding)
-        .unwrap();
+    let (f, mut data, i) = stored_tensors(&out);
     // Token 3, element 5 of its first block: a code away from +-127 moved by one.
     let at = 3 * q8::row_bytes(f.header.model.hidden_size) + 2 + 5;
     let q = data[i][at] as i8;
@@ -155,19 +161,7 @@ fn parity_catches_an_embedding_that_is_not_the_sources_quantization() {
 fn a_bad_block_scale_is_refused_by_validate_and_run() {
     let tmp = tempfile::tempdir().unwrap();
     let out = converted(tmp.path());
-    let f = BpkFile::open(&out).unwrap();
-    let mut data: Vec<Vec<u8>> = f
-        .header
-        .tensors
-        .iter()
-        .map(|e| f.raw(e).unwrap().into_owned())
-        .collect();
-    let i = f
-        .header
-        .tensors
-        .iter()
-        .position(|e| e.role == Role::Embedding)
-        .unwrap();
+    let (f, mut data, i) = stored_tensors(&out);
     let at = 7 * q8::row_bytes(f.header.model.hidden_size) + 2 * q8::BLOCK_BYTES;
     data[i][at..at + 2].copy_from_slice(&0x7e00u16.to_le_bytes()); // f16 NaN
     let bad = tmp.path().join("bad.bpk");
