@@ -1,7 +1,7 @@
 //! Micro-benchmark of the ternary dot kernels alone, one thread: GMAC/s (weights times
 //! activations per second) and packed GB/s, for each layout, each instruction-set build the
 //! CPU has (`run::kernels::Isa`), one token (`dot_with`, decoding) and a tile of four
-//! (`dot_multi_with`, prefill), on the projection shapes of BitNet b1.58 2B4T, int8
+//! (`dot_multi_rows_with` over every row, as prefill runs it), on the projection shapes of BitNet b1.58 2B4T, int8
 //! activations.
 //!
 //! cargo run --release --example bench_kernels -- [--reps 5] [--mib 256]
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bitnet_pack::pack::TernaryLayout;
 use bitnet_pack::quant::{ACTIVATION_EPS, ActQuant};
-use bitnet_pack::run::kernels::{Isa, TILE, dot_multi_with, dot_with, padded_len};
+use bitnet_pack::run::kernels::{Isa, TILE, dot_multi_rows_with, dot_with, padded_len};
 
 struct Lcg(u64);
 impl Lcg {
@@ -57,20 +57,23 @@ fn sweep(c: &Case<'_>, (reps, inner): (usize, usize)) -> (f64, i64) {
             .collect();
     let mut best = f64::MAX;
     let mut check = 0i64;
-    let mut out = [0i32; TILE];
+    let rows = c.data.len() / row_bytes;
+    let mut out = vec![0i32; rows * c.tokens];
     for _ in 0..reps {
         let t = Instant::now();
         for _ in 0..inner {
             let mut acc = 0i64;
-            for row in c.data.chunks_exact(row_bytes) {
-                let q = std::hint::black_box(c.q);
-                if c.tokens == 1 {
+            let q = std::hint::black_box(c.q);
+            if c.tokens == 1 {
+                for row in c.data.chunks_exact(row_bytes) {
                     acc += i64::from(dot_with(c.isa, c.layout, row, q, sums[0], c.k));
-                } else {
-                    let o = &mut out[..c.tokens];
-                    dot_multi_with(c.isa, c.layout, row, q, padded, &sums, c.k, o);
-                    acc += o.iter().map(|&v| i64::from(v)).sum::<i64>();
                 }
+            } else {
+                // As prefill runs it: one call per run of rows.
+                dot_multi_rows_with(
+                    c.isa, c.layout, c.data, row_bytes, q, padded, &sums, c.k, &mut out,
+                );
+                acc += out.iter().map(|&v| i64::from(v)).sum::<i64>();
             }
             check = std::hint::black_box(acc);
         }

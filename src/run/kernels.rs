@@ -743,13 +743,118 @@ mod avx512 {
         tokens: usize,
         out: &mut [i32],
     ) {
-        for (row, o) in data
+        let rows = out.len() / tokens;
+        let mut first = 0;
+        if layout == TernaryLayout::I2 {
+            // Two rows at a time: twice the arithmetic per activation loaded, and one
+            // reduction for all their sums.
+            while first + 2 <= rows {
+                let pair = &data[first * row_bytes..(first + 2) * row_bytes];
+                let (r0, r1) = pair.split_at(row_bytes);
+                let o = &mut out[first * tokens..(first + 2) * tokens];
+                // SAFETY: the caller's contract, for both rows.
+                let sums = unsafe {
+                    match tokens {
+                        1 => i2_pair::<1>(r0, r1, q, stride, k),
+                        2 => i2_pair::<2>(r0, r1, q, stride, k),
+                        3 => i2_pair::<3>(r0, r1, q, stride, k),
+                        _ => i2_pair::<4>(r0, r1, q, stride, k),
+                    }
+                };
+                for (r, o) in o.chunks_exact_mut(tokens).enumerate() {
+                    o.copy_from_slice(&sums[r * 4..r * 4 + tokens]);
+                }
+                first += 2;
+            }
+        }
+        for (row, o) in data[first * row_bytes..]
             .chunks_exact(row_bytes)
-            .zip(out.chunks_exact_mut(tokens))
+            .zip(out[first * tokens..].chunks_exact_mut(tokens))
         {
             // SAFETY: the caller's contract, row by row.
             unsafe { dot_multi(layout, row, q, stride, k, o) };
         }
+    }
+
+    /// Horizontal sums of eight vectors of eight i32 lanes: lane `i` of the result is the
+    /// sum of `v[i]`'s lanes.
+    #[target_feature(enable = "avx2")]
+    fn hsum8(v: [__m256i; 8]) -> __m256i {
+        let h01 = _mm256_hadd_epi32(v[0], v[1]);
+        let h23 = _mm256_hadd_epi32(v[2], v[3]);
+        let h45 = _mm256_hadd_epi32(v[4], v[5]);
+        let h67 = _mm256_hadd_epi32(v[6], v[7]);
+        // Each 128-bit half now holds partial sums of v0..v3 (and v4..v7) in lane order.
+        let a = _mm256_hadd_epi32(h01, h23);
+        let b = _mm256_hadd_epi32(h45, h67);
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(a, b),
+            _mm256_permute2x128_si256::<0x31>(a, b),
+        )
+    }
+
+    /// `i2`, two rows `r0`, `r1` times `T` (1..=4) tokens: each block's codes are decoded for
+    /// both rows, and each activation vector loaded feeds two `vpdpbusd`. Returns the sums
+    /// (without the `- q_sum` of the identity) as `[r0 t0..t3, r1 t0..t3]`, zero past `T`.
+    ///
+    /// # Safety
+    /// See [`dot_multi`], for both rows.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")]
+    unsafe fn i2_pair<const T: usize>(
+        r0: &[u8],
+        r1: &[u8],
+        q: &[i8],
+        stride: usize,
+        k: usize,
+    ) -> [i32; 8] {
+        let blocks = k.div_ceil(i2::BLOCK);
+        debug_assert!(r0.len() >= blocks * i2::BLOCK_BYTES);
+        debug_assert!(r1.len() >= blocks * i2::BLOCK_BYTES);
+        debug_assert!(q.len() >= (T - 1) * stride + blocks * i2::BLOCK);
+        let mask = _mm256_set1_epi8(3);
+        // Two accumulators per row and token (even and odd planes) halve the chains.
+        let mut acc = [[[_mm256_setzero_si256(); 2]; 2]; T];
+        let (w0, w1, q_ptr) = (r0.as_ptr(), r1.as_ptr(), q.as_ptr());
+        let codes = |w: __m256i| {
+            [
+                _mm256_and_si256(w, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<6>(w), mask),
+            ]
+        };
+        for b in 0..blocks {
+            // SAFETY: block `b < blocks` lies within both rows; unaligned loads.
+            let c = unsafe {
+                [
+                    codes(_mm256_loadu_si256(w0.add(b * i2::BLOCK_BYTES).cast())),
+                    codes(_mm256_loadu_si256(w1.add(b * i2::BLOCK_BYTES).cast())),
+                ]
+            };
+            for (t, at) in acc.iter_mut().enumerate() {
+                for p in 0..4 {
+                    // SAFETY: token `t < T`, block `b < blocks`: within `q`.
+                    let a = unsafe {
+                        _mm256_loadu_si256(
+                            q_ptr.add(t * stride + b * i2::BLOCK + p * i2::PLANE).cast(),
+                        )
+                    };
+                    for (ar, cr) in at.iter_mut().zip(&c) {
+                        ar[p % 2] = _mm256_dpbusd_epi32(ar[p % 2], cr[p], a);
+                    }
+                }
+            }
+        }
+        let mut v = [_mm256_setzero_si256(); 8];
+        for (t, at) in acc.iter().enumerate() {
+            for (r, ar) in at.iter().enumerate() {
+                v[r * 4 + t] = _mm256_add_epi32(ar[0], ar[1]);
+            }
+        }
+        let mut sums = [0i32; 8];
+        // SAFETY: `sums` holds eight i32; unaligned store.
+        unsafe { _mm256_storeu_si256(sums.as_mut_ptr().cast(), hsum8(v)) };
+        sums
     }
 
     /// `i2`: per block, four masks and shifts give the code vectors of the four planes, and
