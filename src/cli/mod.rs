@@ -368,11 +368,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Inspect(a) => inspect::run(a),
-        Command::Bench(a) => bench::run(a),
+        Command::Bench(a) => {
+            crate::run::keep_working_memory();
+            bench::run(a)
+        }
         Command::Validate(a) => validate::run(a),
         Command::Unpack(a) => unpack::run(a),
-        Command::Run(a) => run::run(a),
-        Command::Parity(a) => parity::run(a),
+        Command::Run(a) => {
+            crate::run::keep_working_memory();
+            run::run(a)
+        }
+        Command::Parity(a) => {
+            crate::run::keep_working_memory();
+            parity::run(a)
+        }
         Command::Rotate(a) => rotate::run(a),
     }
 }
