@@ -91,36 +91,68 @@ impl Linear for TernaryLinear<'_> {
         // Several tokens: workers take chunks of rows small enough to stay in L2, and run
         // every tile of up to TILE tokens over each row of their chunk with the multi-token
         // kernel, so a block of packed weights is decoded once per tile rather than once per
-        // token, and a chunk's bytes come from memory once per call.
+        // token, and a chunk's bytes come from memory once per call. Each worker writes its
+        // rows' outputs straight into `y` (`[n][rows]`): a run of `count` values per token.
         let chunk = chunk_rows(rows, self.row_bytes, rayon::current_num_threads());
-        let mut yt = vec![0f32; rows * n];
-        yt.par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(c, out)| {
-                let first = c * chunk;
-                let count = out.len() / n;
-                let data = &self.data[first * self.row_bytes..(first + count) * self.row_bytes];
-                let mut dots = vec![0i32; count * TILE];
-                for t0 in (0..n).step_by(TILE) {
-                    let tokens = TILE.min(n - t0);
-                    let qt = &q[t0 * padded..(t0 + tokens) * padded];
-                    let d = &mut dots[..count * tokens];
-                    let s = &sums[t0..t0 + tokens];
-                    dot_multi_rows(self.layout, data, self.row_bytes, qt, padded, s, k, d);
-                    for (o, d) in out.chunks_exact_mut(n).zip(d.chunks_exact(tokens)) {
-                        for (j, &v) in d.iter().enumerate() {
-                            o[t0 + j] = v as f32 * factors[t0 + j];
-                        }
-                    }
+        let out = DisjointWrites::new(y);
+        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
+            let first = c * chunk;
+            let count = chunk.min(rows - first);
+            let data = &self.data[first * self.row_bytes..(first + count) * self.row_bytes];
+            let mut dots = vec![0i32; count * TILE];
+            for t0 in (0..n).step_by(TILE) {
+                let tokens = TILE.min(n - t0);
+                let qt = &q[t0 * padded..(t0 + tokens) * padded];
+                let d = &mut dots[..count * tokens];
+                let s = &sums[t0..t0 + tokens];
+                dot_multi_rows(self.layout, data, self.row_bytes, qt, padded, s, k, d);
+                for j in 0..tokens {
+                    let t = t0 + j;
+                    let values = d
+                        .iter()
+                        .skip(j)
+                        .step_by(tokens)
+                        .map(|&v| v as f32 * factors[t]);
+                    // SAFETY: rows `first..first + count` belong to chunk `c` alone, so every
+                    // index `t * rows + first + i` is written by this worker only, once.
+                    unsafe { out.write_run(t * rows + first, values) };
                 }
-            });
-        y.par_chunks_exact_mut(rows)
-            .enumerate()
-            .for_each(|(t, yr)| {
-                for (r, o) in yr.iter_mut().enumerate() {
-                    *o = yt[r * n + t];
-                }
-            });
+            }
+        });
+    }
+}
+
+/// An output buffer that parallel workers fill at disjoint indices.
+struct DisjointWrites<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _buffer: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: the workers write disjoint indices (the contract of `write_run`); the buffer is
+// borrowed mutably for the lifetime of the value, so nothing else reads or writes it meanwhile.
+unsafe impl Send for DisjointWrites<'_> {}
+unsafe impl Sync for DisjointWrites<'_> {}
+
+impl<'a> DisjointWrites<'a> {
+    fn new(buffer: &'a mut [f32]) -> Self {
+        DisjointWrites {
+            ptr: buffer.as_mut_ptr(),
+            len: buffer.len(),
+            _buffer: std::marker::PhantomData,
+        }
+    }
+
+    /// Writes `values` at `start`, `start + 1`, ...
+    ///
+    /// # Safety
+    /// No other thread writes any of these indices while `self` lives.
+    unsafe fn write_run(&self, start: usize, values: impl ExactSizeIterator<Item = f32>) {
+        assert!(start + values.len() <= self.len, "write past the output");
+        for (i, v) in values.enumerate() {
+            // SAFETY: in bounds (asserted above); exclusive by the caller's contract.
+            unsafe { self.ptr.add(start + i).write(v) };
+        }
     }
 }
 
