@@ -643,13 +643,20 @@ fn add_into(x: &mut [f32], d: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
-/// Rotate-half RoPE in place on `heads` heads of `head_dim` at position `pos`.
-fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
+/// Rotate-half RoPE in place on the heads of one token's queries `q` and keys `k` (`head_dim`
+/// apart) at position `pos`. The angles depend on the position and the frequency only, so
+/// each `sin_cos` is computed once per token and shared by every head.
+fn rope(q: &mut [f32], k: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
     let half = head_dim / 2;
-    for head in x.chunks_exact_mut(head_dim) {
-        for i in 0..half {
-            let angle = pos as f32 * inv_freq[i];
-            let (sin, cos) = angle.sin_cos();
+    let angles: Vec<(f32, f32)> = inv_freq[..half]
+        .iter()
+        .map(|&f| (pos as f32 * f).sin_cos())
+        .collect();
+    for head in q
+        .chunks_exact_mut(head_dim)
+        .chain(k.chunks_exact_mut(head_dim))
+    {
+        for (i, &(sin, cos)) in angles.iter().enumerate() {
             let (a, b) = (head[i], head[i + half]);
             head[i] = a * cos - b * sin;
             head[i + half] = b * cos + a * sin;
@@ -872,9 +879,19 @@ impl<L: Linear> Transformer<'_, L> {
         let site = |role| Site { layer, role };
         let online = |role| self.plan.online_of(layer, role);
         let start = state.len();
-        for t in 0..n {
-            rope(&mut q[t * qd..(t + 1) * qd], hd, start + t, inv_freq);
-            rope(&mut k[t * kvd..(t + 1) * kvd], hd, start + t, inv_freq);
+        let rope_token = |(t, (qt, kt)): (usize, (&mut [f32], &mut [f32]))| {
+            rope(qt, kt, hd, start + t, inv_freq)
+        };
+        if n > 1 {
+            q.par_chunks_exact_mut(qd)
+                .zip(k.par_chunks_exact_mut(kvd))
+                .enumerate()
+                .for_each(rope_token);
+        } else {
+            q.chunks_exact_mut(qd)
+                .zip(k.chunks_exact_mut(kvd))
+                .enumerate()
+                .for_each(rope_token);
         }
         if let Some(bits) = self.plan.attention.q_bits {
             q.chunks_exact_mut(hd)
