@@ -108,7 +108,10 @@ fn main() {
                 let mut checks = Vec::new();
                 for layout in [TernaryLayout::I2, TernaryLayout::T5] {
                     let row_bytes = layout.row_bytes(k);
-                    let mut data = vec![0u8; rows * row_bytes];
+                    // 64-byte aligned, as tensors are in a .bpk file.
+                    let mut storage = vec![0u8; rows * row_bytes + 63];
+                    let skip = storage.as_ptr().align_offset(64);
+                    let data = &mut storage[skip..skip + rows * row_bytes];
                     for (t, d) in trits.chunks_exact(k).zip(data.chunks_exact_mut(row_bytes)) {
                         layout.pack_row(t, d);
                     }
@@ -121,7 +124,7 @@ fn main() {
                         let case = Case {
                             isa,
                             layout,
-                            data: &data,
+                            data,
                             k,
                             q: &q,
                             tokens,
