@@ -264,6 +264,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/bitnet-pack-sbs"),
                    help="work directory: checkpoint, outputs, logs, results (default: %(default)s)")
     p.add_argument("--layers", type=int, default=30, help="layers of the synthetic model (default 30)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="safetensors files of the synthetic checkpoint (default 1; 2B4T-like: 7)")
     p.add_argument("--runs", type=int, default=3, help="runs of every measurement (default 3)")
     p.add_argument("--threads", default="2,1", help="comma-separated thread counts (default 2,1)")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -285,7 +287,7 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--threads: not a comma-separated list of integers: {a.threads!r}")
     if not a.thread_list or min(a.thread_list) < 1:
         p.error("--threads needs at least one thread count >= 1")
-    if a.runs < 1 or a.layers < 1 or a.prompt_tokens < 1 or a.gen_tokens < 1:
+    if a.runs < 1 or a.layers < 1 or a.shards < 1 or a.prompt_tokens < 1 or a.gen_tokens < 1:
         p.error("--runs, --layers, --prompt-tokens and --gen-tokens must be >= 1")
     return a
 
@@ -419,18 +421,24 @@ def ensure_bitnet_pack(a: argparse.Namespace) -> Path:
     return b.resolve()
 
 
+def checkpoint_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one, or the shards)."""
+    return sorted(ckpt.glob("*.safetensors"))
+
+
 def ensure_checkpoint(a: argparse.Namespace) -> Path:
-    ckpt = a.work / f"ckpt-L{a.layers}"
-    if (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file():
+    ckpt = a.work / (f"ckpt-L{a.layers}" + (f"-s{a.shards}" if a.shards > 1 else ""))
+    marker = "model.safetensors.index.json" if a.shards > 1 else "model.safetensors"
+    if (ckpt / "config.json").is_file() and (ckpt / marker).is_file():
         log(f"reusing {ckpt}")
         return ckpt
     need = 0.16e9 * a.layers + 0.7e9
     free = shutil.disk_usage(a.work).free
     if free < need + 2.5e9:
         log(f"warning: {free / 1e9:.1f} GB free in {a.work}; about {(need + 2.5e9) / 1e9:.1f} GB needed")
-    log(f"generating the synthetic checkpoint ({a.layers} layers) into {ckpt}")
+    log(f"generating the synthetic checkpoint ({a.layers} layers, {a.shards} file(s)) into {ckpt}")
     cmd = ["cargo", "run", "--release", "--quiet", "--example", "synth_checkpoint", "--",
-           str(ckpt), "--layers", str(a.layers)]
+           str(ckpt), "--layers", str(a.layers), "--shards", str(a.shards)]
     run_checked(cmd, "synth_checkpoint", cwd=REPO)
     return ckpt
 
@@ -536,7 +544,8 @@ def main() -> int:
     versions["bitnet_pack_git"] = git_rev()
     machine = machine_info()
     ckpt = ensure_checkpoint(a)
-    st = ckpt / "model.safetensors"
+    sources = checkpoint_files(ckpt)
+    source_bytes = sum(f.stat().st_size for f in sources)
     gguf_path = a.work / f"llama-tq2_0-L{a.layers}.gguf"
     bpk_path = a.work / f"bitnet-pack-L{a.layers}.bpk"
     extra = shlex.split(a.extra_convert_args)
@@ -555,8 +564,8 @@ def main() -> int:
                 raise Fail(f"--skip-convert: {p} is missing (run once without --skip-convert)", 2)
         log("skipping the conversions (--skip-convert)")
     else:
-        log(f"warming the page cache ({st.stat().st_size / 1e9:.2f} GB)")
-        warm_s = warm(st)
+        log(f"warming the page cache ({source_bytes / 1e9:.2f} GB in {len(sources)} file(s))")
+        warm_s = sum(warm(f) for f in sources)
         log(f"read in {warm_s:.2f} s; warming the converter's imports (untimed)")
         run_checked([a.python, "-c", f"import sys; sys.path[0:0] = {[str(a.llama_cpp.resolve()), str(a.llama_cpp.resolve() / 'gguf-py')]!r}; "
                      "import convert_hf_to_gguf"], "importing convert_hf_to_gguf",
@@ -639,7 +648,8 @@ def main() -> int:
     gsize, bsize = gguf_path.stat().st_size, bpk_path.stat().st_size
     fl = machine["flags"]
     lines = [
-        f"### side by side with llama.cpp: synthetic 2B4T-shaped checkpoint, {a.layers} layers",
+        f"### side by side with llama.cpp: synthetic 2B4T-shaped checkpoint, {a.layers} layers, "
+        f"{len(sources)} safetensors file(s)",
         "",
         "| figure | llama.cpp | bitnet-pack | ratio |",
         "|---|---|---|---|",
@@ -692,7 +702,7 @@ def main() -> int:
         "machine": machine,
         "versions": versions,
         "commands": commands,
-        "checkpoint": {"dir": str(ckpt), "safetensors_bytes": st.stat().st_size},
+        "checkpoint": {"dir": str(ckpt), "files": len(sources), "safetensors_bytes": source_bytes},
         "llama_gguf": {"path": str(gguf_path), "bytes": gsize, **gtypes},
         "bitnet_pack_bpk": {"path": str(bpk_path), "bytes": bsize, "encodings": btypes,
                             "embedding": bemb, "bytes_per_decoded_token": ours_bytes},
