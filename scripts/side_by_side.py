@@ -166,8 +166,10 @@ def entry_gguf_types(argv: list[str]) -> None:
 
 
 def entry_llama_bench(argv: list[str]) -> None:
-    """_llama-bench GGUF THREADS PROMPT GEN SEED: JSON of one llama.cpp measurement."""
+    """_llama-bench GGUF THREADS PROMPT GEN SEED [mmap|read]: JSON of one llama.cpp measurement
+    (weights from the file's mapping, the default, or read into llama.cpp's own buffers)."""
     path, threads, n_prompt, n_gen, seed = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
+    use_mmap = (argv[5] if len(argv) > 5 else "mmap") == "mmap"
     import ctypes
 
     import numpy as np
@@ -177,9 +179,9 @@ def entry_llama_bench(argv: list[str]) -> None:
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = 0
     if hasattr(mp, "load_mode"):
-        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if use_mmap else L.LLAMA_LOAD_MODE_NONE
     else:
-        mp.use_mmap = True
+        mp.use_mmap = use_mmap
     t = time.perf_counter()
     model = L.llama_model_load_from_file(path.encode(), mp)
     if not model:
@@ -264,6 +266,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/bitnet-pack-sbs"),
                    help="work directory: checkpoint, outputs, logs, results (default: %(default)s)")
     p.add_argument("--layers", type=int, default=30, help="layers of the synthetic model (default 30)")
+    p.add_argument("--load", choices=["memory", "mmap"], default="memory",
+                   help="how both runners hold the weights: read into memory (default; "
+                        "bitnet-pack's default, llama.cpp's no-mmap) or the file's mapping "
+                        "(bitnet-pack --mmap, llama.cpp's default)")
     p.add_argument("--shards", type=int, default=1,
                    help="safetensors files of the synthetic checkpoint (default 1; 2B4T-like: 7)")
     p.add_argument("--runs", type=int, default=3, help="runs of every measurement (default 3)")
@@ -596,9 +602,11 @@ def main() -> int:
 
     bench: dict[str, dict[str, list]] = {}
     for th in a.thread_list:
-        llama_cmd = self_cmd(a.python, "_llama-bench", gguf_path, th, a.prompt_tokens, a.gen_tokens, SEED)
+        llama_cmd = self_cmd(a.python, "_llama-bench", gguf_path, th, a.prompt_tokens, a.gen_tokens, SEED,
+                             "mmap" if a.load == "mmap" else "read")
         ours_cmd = [str(bp), "bench", str(bpk_path), "--prompt-tokens", str(a.prompt_tokens),
-                    "--gen-tokens", str(a.gen_tokens), "--threads", str(th), "--json", "--no-memcpy"]
+                    "--gen-tokens", str(a.gen_tokens), "--threads", str(th), "--json", "--no-memcpy",
+                    *(["--mmap"] if a.load == "mmap" else [])]
         commands[f"llama.cpp run, {th} threads"] = shlex.join(llama_cmd)
         commands[f"bitnet-pack run, {th} threads"] = shlex.join(ours_cmd)
         sides = [("llama.cpp", llama_cmd), ("bitnet-pack", ours_cmd)]
@@ -676,7 +684,8 @@ def main() -> int:
         "the names upstream maps (`inner_attn_ln`/`ffn_layernorm`).",
         "- llama.cpp runs its `bitnet` graph: its FFN activation is SiLU-gated where 2B4T's is "
         "ReLU^2 (negligible cost); the weights are random, so only speed and memory mean anything.",
-        f"- llama.cpp: llama-cpp-python {versions['llama_cpp_python']}, low-level API, mmap, "
+        f"- Weights: {'read into memory by both (llama.cpp without mmap, bitnet-pack by default)' if a.load == 'memory' else 'from the file mapping in both (llama.cpp by default, bitnet-pack --mmap)'}.",
+        f"- llama.cpp: llama-cpp-python {versions['llama_cpp_python']}, low-level API, "
         "one warm-up before timing, logits for the last position only; llama.cpp commit "
         f"{versions['llama_cpp_commit']}. bitnet-pack: {versions['bitnet_pack']} "
         f"({versions['bitnet_pack_git']}), `bench --no-memcpy`.",

@@ -162,6 +162,22 @@ fn bench_reports_prefill_and_decode() {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }
     assert_eq!(v["decode_ms"].as_array().unwrap().len(), 4);
+    // Read into memory by default; `--mmap` runs from the mapping.
+    assert_eq!(v["storage"], "memory", "{v}");
+    let o = bin(&[
+        "bench",
+        p,
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--json",
+        "--no-memcpy",
+        "--mmap",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["storage"], "mapped", "{v}");
     let o = bin(&["bench", p, "--gen-tokens", "0"]);
     assert_eq!(code(&o), 2);
     let o = bin(&["bench", p, "--prompt-tokens", "1000", "--no-memcpy"]);
@@ -464,4 +480,45 @@ fn rotated_checkpoints_compute_the_original_function() {
             "{name}: {s:?}"
         );
     }
+}
+
+/// `run` reads a .bpk file into memory unless told `--mmap`; both give the same logits.
+/// `--mmap` on a source checkpoint, where it would be ignored, is refused.
+#[test]
+fn run_from_memory_and_from_the_mapping_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bpk = tmp.path().join("m.bpk");
+    convert_ok(&fixture("tiny-2b4t-qat"), &bpk, &[]);
+    let p = bpk.to_str().unwrap();
+    let mut logits = Vec::new();
+    for extra in [&[][..], &["--mmap"][..]] {
+        let out = tmp.path().join(format!("logits{}.json", logits.len()));
+        let mut args = vec![
+            "run",
+            p,
+            "--tokens",
+            "1,5,9,2,7",
+            "--logits-json",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = bin(&args);
+        assert_eq!(code(&o), 0, "{extra:?}: {}", stderr(&o));
+        logits.push(read_logits_json(&out));
+    }
+    assert_eq!(logits[0], logits[1]);
+    assert!(!logits[0].1.is_empty());
+    let o = bin(&[
+        "run",
+        fixture("tiny-2b4t-qat").to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--mmap",
+    ]);
+    assert_eq!(code(&o), 2);
+    assert!(
+        stderr(&o).contains("--mmap applies to .bpk files"),
+        "{}",
+        stderr(&o)
+    );
 }

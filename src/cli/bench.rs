@@ -23,6 +23,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         prompt_tokens: a.prompt_tokens,
         gen_tokens: a.gen_tokens,
         memcpy: !a.no_memcpy,
+        in_memory: !a.mmap,
     };
     let r = with_threads(a.threads, || bench(&a.file, opts))?
         .with_context(|| format!("could not benchmark {}", a.file.display()))?;
@@ -36,7 +37,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     );
     let mut s = format!(
         "{}: {} threads, {} kernel\n\
-         open            {:>9.1} ms\n\
+         open            {:>9.1} ms ({})\n\
          validate        {:>9.1} ms\n\
          load            {:>9.1} ms\n\
          prefill         {:>9.1} ms for {} tokens = {:.1} tokens/s\n\
@@ -46,6 +47,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         r.threads,
         r.kernel,
         r.open_ms,
+        r.storage,
         r.validate_ms,
         r.load_ms,
         r.prefill_ms,

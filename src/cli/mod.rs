@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Run a .bpk file from its memory mapping instead of reading it into memory first
+    /// (less memory, slower decoding).
+    #[arg(long)]
+    pub mmap: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -334,6 +338,9 @@ pub struct BenchArgs {
     /// Skip measuring the memory-copy rate (and the decode floor it gives).
     #[arg(long)]
     pub no_memcpy: bool,
+    /// Run from the file's memory mapping instead of reading it into memory first.
+    #[arg(long)]
+    pub mmap: bool,
 }
 
 #[derive(Debug, clap::Args)]

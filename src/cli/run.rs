@@ -12,7 +12,7 @@ use super::{
 
 /// Tokens `--prompt` generates without `--max-new-tokens`.
 const DEFAULT_NEW_TOKENS: usize = 32;
-use crate::format::BpkFile;
+use crate::format::{BpkFile, Storage};
 use crate::run::{KvCache, Linear, Transformer, packed, source};
 use crate::source::Checkpoint;
 
@@ -29,6 +29,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 
 fn dispatch(a: &RunArgs) -> anyhow::Result<ExitCode> {
     if !is_bpk(&a.model)? {
+        if a.mmap {
+            bail!(
+                "--mmap applies to .bpk files; a source checkpoint is always read through its mapping"
+            );
+        }
         let ckpt = Checkpoint::open(&a.model)
             .with_context(|| format!("could not open {}", a.model.display()))?;
         for note in &ckpt.notes {
@@ -50,7 +55,13 @@ fn dispatch(a: &RunArgs) -> anyhow::Result<ExitCode> {
                 "--mode applies to source checkpoints; a .bpk file always runs its packed integer path"
             );
         }
-        let file = BpkFile::open(&a.model)
+        let storage = if a.mmap {
+            Storage::map(&a.model)
+        } else {
+            Storage::read_into_memory(&a.model)
+        };
+        let file = storage
+            .and_then(|s| BpkFile::from_storage(&a.model, s))
             .with_context(|| format!("could not read {}", a.model.display()))?;
         let model =
             packed::load(&file).with_context(|| format!("could not load {}", a.model.display()))?;

@@ -208,9 +208,12 @@ pub enum FormatError {
     },
 }
 
-/// The bytes of a file: memory-mapped from disk, or owned (tests, fuzzing).
+/// The bytes of a file: memory-mapped from disk, read into memory (see
+/// [`Storage::read_into_memory`]), or owned (tests, fuzzing).
 pub enum Storage {
     Mapped(Mmap),
+    /// A read-only copy in anonymous memory, backed by huge pages where the OS allows.
+    Memory(Mmap),
     Owned(Vec<u8>),
 }
 
@@ -218,7 +221,7 @@ impl std::ops::Deref for Storage {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Storage::Mapped(m) => m,
+            Storage::Mapped(m) | Storage::Memory(m) => m,
             Storage::Owned(v) => v,
         }
     }
@@ -241,6 +244,83 @@ impl Storage {
         // SAFETY: read-only map; we assume no other process truncates the file while we read it.
         Ok(Storage::Mapped(unsafe { Mmap::map(&file) }.map_err(io)?))
     }
+
+    /// Reads a whole file into anonymous memory, which on Linux asks for transparent huge
+    /// pages. A model run streams every weight once per decoded token: from 2 MiB pages the
+    /// hardware prefetchers run on across what would be 512 page boundaries, and the TLB
+    /// misses go, which decoded 2B4T-shaped models measurably faster than the page-cache
+    /// mapping. Files larger than 80% of the memory the OS reports available are mapped
+    /// instead (`Storage::map`), so a big model never pushes the machine into swap.
+    pub fn read_into_memory(path: &Path) -> Result<Self, FormatError> {
+        let io = |error| {
+            FormatError::File(FileError::Io {
+                path: path.to_path_buf(),
+                error,
+            })
+        };
+        let mut file = crate::fsio::open_regular(path)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < PREAMBLE_LEN as u64 {
+            return Err(FormatError::TooShort { len });
+        }
+        let fits = available_memory().is_some_and(|avail| len <= avail / 5 * 4);
+        let Ok(len) = usize::try_from(len) else {
+            return Self::map(path);
+        };
+        if !fits {
+            return Self::map(path);
+        }
+        let mut memory = memmap2::MmapOptions::new()
+            .len(len)
+            .map_anon()
+            .map_err(io)?;
+        #[cfg(target_os = "linux")]
+        {
+            // Only a hint: without transparent huge pages the copy is still correct.
+            let _ = memory.advise(memmap2::Advice::HugePage);
+        }
+        // A file that shrank since its length was read fails here (unexpected end of file).
+        read_all(&mut file, &mut memory).map_err(io)?;
+        Ok(Storage::Memory(memory.make_read_only().map_err(io)?))
+    }
+
+    /// Where the bytes live: `mapped`, `memory` or `owned`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Storage::Mapped(_) => "mapped",
+            Storage::Memory(_) => "memory",
+            Storage::Owned(_) => "owned",
+        }
+    }
+}
+
+/// Fills `out` from the start of `file`. On Unix, pieces of 32 MiB are read in parallel on the
+/// current rayon pool: the page faults of fresh (huge) pages, where the kernel zeroes and
+/// may first compact memory, then run on every core.
+fn read_all(file: &mut std::fs::File, out: &mut [u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use rayon::prelude::*;
+        use std::os::unix::fs::FileExt;
+        const PIECE: usize = 32 << 20;
+        let file = &*file;
+        out.par_chunks_mut(PIECE)
+            .enumerate()
+            .try_for_each(|(i, piece)| file.read_exact_at(piece, (i * PIECE) as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::Read;
+        file.read_exact(out)
+    }
+}
+
+/// Bytes of memory the OS reports available (Linux `MemAvailable`), if known.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// A .bpk file whose structure has been checked.
@@ -290,6 +370,11 @@ impl BpkFile {
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
         &self.mmap
+    }
+
+    /// Where the file's bytes live ([`Storage::kind`]).
+    pub fn storage_kind(&self) -> &'static str {
+        self.mmap.kind()
     }
 
     /// The stored bytes of a tensor of this file's table (bounds were checked at open).

@@ -16,6 +16,9 @@ pub struct BenchOptions {
     pub gen_tokens: usize,
     /// Measure the memory-copy rate (1 GiB copied five times; about a second).
     pub memcpy: bool,
+    /// Read the file into memory first ([`Storage::read_into_memory`]) rather than run from
+    /// its mapping.
+    pub in_memory: bool,
 }
 
 /// What was measured. Times in milliseconds.
@@ -25,8 +28,10 @@ pub struct BenchReport {
     pub kernel: &'static str,
     pub prompt_tokens: usize,
     pub gen_tokens: usize,
-    /// Mapping the file and parsing its header.
+    /// Mapping (or reading) the file and parsing its header.
     pub open_ms: f64,
+    /// Where the weights were read from: `memory` (read in first) or `mapped`.
+    pub storage: &'static str,
     /// Checking every checksum and code (what `validate` does).
     pub validate_ms: f64,
     /// Building the model from the checked file.
@@ -81,7 +86,12 @@ fn argmax(logits: &[f32]) -> u32 {
 /// Runs the benchmark on the file at `path` with the current rayon pool.
 pub fn bench(path: &std::path::Path, opts: BenchOptions) -> Result<BenchReport, RunError> {
     let t = Instant::now();
-    let file = BpkFile::from_storage(path, Storage::map(path)?)?;
+    let storage = if opts.in_memory {
+        Storage::read_into_memory(path)?
+    } else {
+        Storage::map(path)?
+    };
+    let file = BpkFile::from_storage(path, storage)?;
     let open_ms = ms(t);
     let t = Instant::now();
     let mut first = None;
@@ -136,6 +146,7 @@ pub fn bench(path: &std::path::Path, opts: BenchOptions) -> Result<BenchReport, 
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
         kernel: crate::run::kernels::Isa::active().name(),
+        storage: file.storage_kind(),
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
         open_ms,
