@@ -397,6 +397,25 @@ mod avx2 {
 
     use crate::pack::{TernaryLayout, i2, t5};
 
+    /// How far ahead of the block being read the single-token `i2` kernels ask for packed
+    /// weights: the rows a decoded token streams are read once, and the hardware prefetchers
+    /// alone left the kernel waiting on memory. 2 KiB (a few rows ahead on the next row's bytes,
+    /// rows being consecutive) took the projections of a decoded 2B4T-shaped token from 25.7 to
+    /// 21.9 ms (file mapping) and from 20.3 to 19.1 ms (huge pages) on 2 threads; 4-16 KiB and
+    /// the L2 hint did no better.
+    const PREFETCH_AHEAD: usize = 2048;
+
+    /// Asks for the bytes [`PREFETCH_AHEAD`] past the start of `block`. A hint only: an address
+    /// past the end of the data is never dereferenced (prefetches do not fault), and the
+    /// pointer is formed with wrapping arithmetic.
+    #[inline(always)]
+    fn prefetch_ahead(block: &[u8]) {
+        // SAFETY: `_mm_prefetch` reads nothing the program can observe and never faults.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
+        }
+    }
+
     /// Horizontal sum of eight i32 lanes.
     #[target_feature(enable = "avx2")]
     pub(super) fn hsum(v: __m256i) -> i32 {
@@ -510,6 +529,7 @@ mod avx2 {
         {
             // SAFETY: both chunks are exactly 32 and 128 bytes long; unaligned loads.
             let w = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+            prefetch_ahead(block);
             let a = |p: usize| unsafe { _mm256_loadu_si256(qb.as_ptr().add(p * i2::PLANE).cast()) };
             let c0 = _mm256_and_si256(w, mask);
             let c1 = _mm256_and_si256(_mm256_srli_epi16::<2>(w), mask);
@@ -549,6 +569,7 @@ mod avx2 {
                 let qb = &q[i * i2::BLOCK..(i + 1) * i2::BLOCK];
                 // SAFETY: both chunks are exactly 32 and 128 bytes long; unaligned loads.
                 let w = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+                prefetch_ahead(block);
                 let a =
                     |p: usize| unsafe { _mm256_loadu_si256(qb.as_ptr().add(p * i2::PLANE).cast()) };
                 let c0 = _mm256_and_si256(w, mask);
