@@ -140,18 +140,24 @@ fn bench_reports_prefill_and_decode() {
     let bpk = tmp.path().join("m.bpk");
     convert_ok(&fixture("tiny-2b4t-qat"), &bpk, &[]);
     let p = bpk.to_str().unwrap();
-    let o = bin(&[
-        "bench",
-        p,
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "4",
-        "--json",
-        "--no-memcpy",
-    ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    // A successful `bench --json` run with `extra` arguments: its report.
+    let report = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "bench",
+            p,
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--json",
+            "--no-memcpy",
+        ];
+        args.extend_from_slice(extra);
+        let o = bin(&args);
+        assert_eq!(code(&o), 0, "{extra:?}: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let v = report(&[]);
     for key in [
         "prefill_tokens_per_s",
         "decode_tokens_per_s",
@@ -164,19 +170,7 @@ fn bench_reports_prefill_and_decode() {
     assert_eq!(v["decode_ms"].as_array().unwrap().len(), 4);
     // Read into memory by default; `--mmap` runs from the mapping.
     assert_eq!(v["storage"], "memory", "{v}");
-    let o = bin(&[
-        "bench",
-        p,
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "4",
-        "--json",
-        "--no-memcpy",
-        "--mmap",
-    ]);
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = report(&["--mmap"]);
     assert_eq!(v["storage"], "mapped", "{v}");
     let o = bin(&["bench", p, "--gen-tokens", "0"]);
     assert_eq!(code(&o), 2);
