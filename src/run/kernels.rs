@@ -72,7 +72,8 @@ pub enum Isa {
     /// AVX2 `maddubs` with 16-bit partial sums.
     Avx2,
     /// AVX-512 VNNI `vpdpbusd` (u8 x i8 products summed straight into i32 lanes) and, for
-    /// `t5`, VBMI byte table lookups in place of the digit arithmetic.
+    /// `t5`, VBMI byte table lookups in place of the digit arithmetic when several tokens
+    /// share the codes (one token takes 16-bit products instead: `avx512::dot_t5`).
     Avx512,
 }
 
@@ -143,9 +144,13 @@ pub fn dot_with(
         // faster on the CPU measured (examples/bench_kernels.rs): the AVX-512 build serves
         // `t5` (table lookups) and several tokens at once.
         (Isa::Avx512, TernaryLayout::T5) => {
-            let mut out = [0i32; 1];
-            dot_multi_with(isa, layout, row, q, q.len(), &[q_sum], k, &mut out);
-            return out[0];
+            assert!(
+                crate::num::cpu::has_avx512_vnni(),
+                "the CPU has no AVX-512 VNNI"
+            );
+            assert!(q.len() >= padded_len(layout, k) && row.len() >= layout.row_bytes(k));
+            // SAFETY: the CPU supports the extensions and the lengths hold (asserted above).
+            return unsafe { avx512::dot_t5(row, q, q_sum, k) };
         }
         // AVX-512 brings nothing to the `i8` layout either.
         (Isa::Avx2 | Isa::Avx512, _) => {
@@ -397,7 +402,7 @@ mod avx2 {
 
     use crate::pack::{TernaryLayout, i2, t5};
 
-    /// How far ahead of the block being read the single-token `i2` kernels ask for packed
+    /// How far ahead of the block being read the single-token kernels ask for packed
     /// weights: the rows a decoded token streams are read once, and the hardware prefetchers
     /// alone left the kernel waiting on memory. 2 KiB (a few rows ahead on the next row's bytes,
     /// rows being consecutive) took the projections of a decoded 2B4T-shaped token from 25.7 to
@@ -409,7 +414,7 @@ mod avx2 {
     /// past the end of the data is never dereferenced (prefetches do not fault), and the
     /// pointer is formed with wrapping arithmetic.
     #[inline(always)]
-    fn prefetch_ahead(block: &[u8]) {
+    pub(super) fn prefetch_ahead(block: &[u8]) {
         // SAFETY: `_mm_prefetch` reads nothing the program can observe and never faults.
         unsafe {
             _mm_prefetch::<_MM_HINT_T0>(block.as_ptr().wrapping_add(PREFETCH_AHEAD).cast());
@@ -924,6 +929,67 @@ mod avx512 {
                 .fold(_mm256_setzero_si256(), |s, v| _mm256_add_epi32(s, v));
             super::avx2::hsum(sum)
         })
+    }
+
+    /// `t5`, one token (decoding), without the byte tables of [`t5_multi`], whose `vpermi2b`
+    /// lookups bound a single token. With `F_j(w) = floor(3^j w / 256)`, digit `j` of a stored
+    /// byte `w` is `F_{j+1}(w) - 3 F_j(w)` (its definition `floor(3 (3^j w mod 256) / 256)`,
+    /// with `3^j w mod 256 = 3^j w - 256 F_j`), and `F_0 = 0`, so
+    /// `sum_j digit_j a_j = sum_{j=1..5} F_j a_{j-1} - 3 sum_{j=1..4} F_j a_j`.
+    /// Each `F_j` (0..=242) is the high byte of the exact 16-bit product `3^j w`: `vpmulhuw` of
+    /// `w << 8` leaves it in the low byte of a 16-bit lane for the even bytes, `vpmullw` of
+    /// `w >> 8` in the high byte for the odd ones, and one `vpternlogd` joins them in place.
+    /// Nine `vpdpbusd` (unsigned `F_j`, signed activations, exact i32 sums) then take the two
+    /// sums. About 15% faster than [`t5_multi`] with one token on the CPU measured.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 F/BW/VL/VNNI; `q` must hold the padded activations
+    /// and `row` the packed row of `k` weights.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_t5(row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
+        let full = k / t5::BLOCK;
+        let (whole, tail) = row.split_at(full * t5::BLOCK_BYTES);
+        let high_bytes = _mm256_set1_epi16(0xff00u16 as i16);
+        let pow3: [__m256i; t5::TRITS_PER_BYTE] =
+            std::array::from_fn(|j| _mm256_set1_epi16(3i16.pow(j as u32 + 1)));
+        // One accumulator per sum and digit: no dependency chain longer than one per block.
+        let mut prev_acc = [_mm256_setzero_si256(); t5::TRITS_PER_BYTE];
+        let mut same_acc = [_mm256_setzero_si256(); t5::TRITS_PER_BYTE - 1];
+        for (block, qb) in whole
+            .chunks_exact(t5::BLOCK_BYTES)
+            .zip(q.chunks_exact(t5::BLOCK))
+        {
+            // SAFETY: both chunks are exactly 32 and 160 bytes long; unaligned loads.
+            let w = unsafe { _mm256_loadu_si256(block.as_ptr().cast()) };
+            super::avx2::prefetch_ahead(block);
+            let a = |j: usize| unsafe {
+                _mm256_loadu_si256(qb.as_ptr().add(j * t5::BLOCK_BYTES).cast())
+            };
+            let even = _mm256_slli_epi16::<8>(w);
+            let odd = _mm256_srli_epi16::<8>(w);
+            let mut prev = a(0);
+            for j in 0..t5::TRITS_PER_BYTE {
+                // F_{j+1} of every byte, in place: (even result) | (odd result & 0xff00).
+                let f = _mm256_ternarylogic_epi32::<0xF8>(
+                    _mm256_mulhi_epu16(even, pow3[j]),
+                    _mm256_mullo_epi16(odd, pow3[j]),
+                    high_bytes,
+                );
+                prev_acc[j] = _mm256_dpbusd_epi32(prev_acc[j], f, prev);
+                if j + 1 < t5::TRITS_PER_BYTE {
+                    let same = a(j + 1);
+                    same_acc[j] = _mm256_dpbusd_epi32(same_acc[j], f, same);
+                    prev = same;
+                }
+            }
+        }
+        let sum = |v: &[__m256i]| {
+            v.iter()
+                .fold(_mm256_setzero_si256(), |s, &x| _mm256_add_epi32(s, x))
+        };
+        let (p, s) = (sum(&prev_acc), sum(&same_acc));
+        let total = _mm256_sub_epi32(p, _mm256_add_epi32(s, _mm256_add_epi32(s, s)));
+        super::avx2::hsum(total) + super::t5_tail(tail, &q[full * t5::BLOCK..]) - q_sum
     }
 
     /// `t5`: two whole blocks (64 bytes) at a time in 512-bit vectors. Digit `j` of every byte
