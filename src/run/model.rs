@@ -179,6 +179,33 @@ fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     )
 }
 
+/// `out[e] = sum_p weights[p] * rows[p * stride + e]` for `e < out.len()`, each element summed
+/// from zero in the order of `p` with a separate multiply and add, so the AVX2 build (which keeps
+/// a stretch of `out` in registers over all the rows) gives the same result bit for bit.
+pub fn weighted_sum(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    if let Some(last) = weights.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + out.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::num::cpu::has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time just above); lengths asserted.
+        unsafe { avx2::weighted_sum(weights, rows, stride, out) };
+        return;
+    }
+    weighted_sum_body(weights, rows, stride, out);
+}
+
+#[inline(always)]
+fn weighted_sum_body(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    out.fill(0.0);
+    for (p, &w) in weights.iter().enumerate() {
+        let v = &rows[p * stride..p * stride + out.len()];
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += w * v;
+        }
+    }
+}
+
 /// `sum_c decode(w[c]) * x[c]` straight from a stored row of `dtype` elements: equal, bit for
 /// bit, to decoding the row with [`decode_f32`] and calling [`dot_f32`], without the
 /// intermediate buffer (the head of a 2B4T model is 656 MB of bf16 read once per token).
@@ -240,14 +267,82 @@ mod avx2 {
     //! same separate multiply and add, so the results are identical bit for bit.
     use std::arch::x86_64::*;
 
-    use super::{DOT_LANES, FloatDtype, reduce_lanes};
+    use super::{DOT_LANES, FloatDtype};
 
-    /// The four accumulators as the 32 lanes they hold, in order.
+    /// [`reduce_lanes`] of the 32 lanes the four accumulators hold (lane `i` of vector `j` is
+    /// lane `8 j + i`), in vector registers: the same pairwise additions (`i + 16`, `+ 8`, `+ 4`,
+    /// `+ 2`, `+ 1`), so the same result bit for bit, then the tail in order.
     #[inline(always)]
-    fn lanes(acc: [__m256; 4]) -> [f32; DOT_LANES] {
-        // SAFETY: `[__m256; 4]` and `[f32; 32]` have the same size (128 bytes), every bit
-        // pattern is a valid f32, and lane `i` of vector `j` is element `8 * j + i`.
-        unsafe { std::mem::transmute::<[__m256; 4], [f32; DOT_LANES]>(acc) }
+    fn reduce(acc: [__m256; 4], tail: impl Iterator<Item = f32>) -> f32 {
+        // SAFETY (the intrinsics): this module's functions run only where AVX2 is supported.
+        unsafe {
+            let s8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
+            tail.fold(_mm_cvtss_f32(s1), |s, p| s + p)
+        }
+    }
+
+    /// Elements of `out` a pass of [`weighted_sum`] keeps in registers: eight vectors.
+    const SUM_STRETCH: usize = 64;
+
+    /// See [`super::weighted_sum`], whose length checks hold.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, and `rows` must hold `(weights.len() - 1) * stride +
+    /// out.len()` values when `weights` is not empty.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn weighted_sum(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let full = out.len() / 8 * 8;
+        let mut start = 0;
+        // SAFETY (both loops): the stretch `start..start + 8 V` lies within `full`.
+        while start + SUM_STRETCH <= full {
+            unsafe { stretch::<{ SUM_STRETCH / 8 }>(weights, rows, stride, start, out) };
+            start += SUM_STRETCH;
+        }
+        while start < full {
+            unsafe { stretch::<1>(weights, rows, stride, start, out) };
+            start += 8;
+        }
+        // The last few elements, in the portable order.
+        let tail = &mut out[full..];
+        tail.fill(0.0);
+        for (p, &w) in weights.iter().enumerate() {
+            for (e, o) in tail.iter_mut().enumerate() {
+                *o += w * rows[p * stride + full + e];
+            }
+        }
+    }
+
+    /// Elements `start..start + 8 V` of [`weighted_sum`], in `V` registers over every row.
+    ///
+    /// # Safety
+    /// As [`weighted_sum`], and `start + 8 V <= out.len()`.
+    #[inline(always)]
+    unsafe fn stretch<const V: usize>(
+        weights: &[f32],
+        rows: &[f32],
+        stride: usize,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY (the intrinsics): only inlined into the AVX2 build above.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); V];
+            let base = rows.as_ptr().wrapping_add(start);
+            for (p, &w) in weights.iter().enumerate() {
+                let w = _mm256_set1_ps(w);
+                for (j, slot) in acc.iter_mut().enumerate() {
+                    // Row `p` holds out.len() values from p * stride (the caller's contract).
+                    let v = _mm256_loadu_ps(base.add(p * stride + 8 * j));
+                    *slot = _mm256_add_ps(*slot, _mm256_mul_ps(w, v));
+                }
+            }
+            for (j, slot) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(start + 8 * j), *slot);
+            }
+        }
     }
 
     /// # Safety
@@ -272,10 +367,7 @@ mod avx2 {
             }
             e += DOT_LANES;
         }
-        reduce_lanes(
-            lanes(acc),
-            a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y),
-        )
+        reduce(acc, a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y))
     }
 
     /// # Safety
@@ -305,8 +397,8 @@ mod avx2 {
             }
             e += DOT_LANES;
         }
-        reduce_lanes(
-            lanes(acc),
+        reduce(
+            acc,
             w[2 * full..]
                 .chunks_exact(2)
                 .zip(&x[full..])
@@ -552,12 +644,9 @@ impl KvView<'_> {
 
     /// `out = sum_p weights[p] * v_p` over the positions of `kv_head` that `weights` covers.
     pub fn weighted_sum(&self, weights: &[f32], kv_head: usize, out: &mut [f32]) {
-        out.fill(0.0);
-        for (p, &w) in weights.iter().enumerate() {
-            for (o, v) in out.iter_mut().zip(self.vector(&self.v, p, kv_head)) {
-                *o += w * v;
-            }
-        }
+        let stride = self.kv_heads * self.head_dim;
+        let first = kv_head * self.head_dim;
+        weighted_sum(weights, &self.v[first..], stride, out);
     }
 }
 
@@ -1021,6 +1110,35 @@ mod tests {
                 assert_eq!(dot_row_body(dtype, &w, &x).to_bits(), expected.to_bits());
                 assert_eq!(dot_row(dtype, &w, &x).to_bits(), expected.to_bits());
                 assert_eq!(dot_f32(&decoded, &x).to_bits(), expected.to_bits());
+            }
+        }
+    }
+
+    /// The weighted sum of attention (portable and AVX2 builds) equals the plain loop bit for
+    /// bit: lengths around the 8-lane vectors and the 64-element stretches, rows packed and
+    /// strided, no rows at all.
+    #[test]
+    fn weighted_sum_builds_agree() {
+        for len in [0usize, 1, 7, 8, 9, 63, 64, 65, 72, 128, 130, 200] {
+            for (count, slack) in [(0usize, 0usize), (1, 0), (5, 3), (300, 0), (77, 640)] {
+                let stride = len + slack;
+                let rows = values(count * stride, 5 + len as u32);
+                let weights = values(count, 9 + count as u32);
+                let mut want = vec![f32::NAN; len];
+                for (e, w) in want.iter_mut().enumerate() {
+                    *w = 0.0;
+                    for (p, &wp) in weights.iter().enumerate() {
+                        *w += wp * rows[p * stride + e];
+                    }
+                }
+                let mut body = vec![f32::NAN; len];
+                weighted_sum_body(&weights, &rows, stride, &mut body);
+                let mut got = vec![f32::NAN; len];
+                weighted_sum(&weights, &rows, stride, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let what = format!("len {len} rows {count} stride {stride}");
+                assert_eq!(bits(&body), bits(&want), "{what}");
+                assert_eq!(bits(&got), bits(&want), "{what}");
             }
         }
     }
