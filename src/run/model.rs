@@ -179,6 +179,24 @@ fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     )
 }
 
+/// `out[p] = dot_f32(q, rows[p * stride..p * stride + q.len()]) * scale` for every `p` of
+/// `out`, bit for bit, with one call for all the rows (attention scores: a call per key cost
+/// more than its 128 products).
+pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    if let Some(last) = out.len().checked_sub(1) {
+        assert!(rows.len() >= last * stride + q.len());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::num::cpu::has_avx2() {
+        // SAFETY: the CPU supports AVX2 (checked at run time just above); lengths asserted.
+        unsafe { avx2::scaled_dots(q, rows, stride, scale, out) };
+        return;
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        *o = dot_f32_body(q, &rows[p * stride..p * stride + q.len()]) * scale;
+    }
+}
+
 /// `out[e] = sum_p weights[p] * rows[p * stride + e]` for `e < out.len()`, each element summed
 /// from zero in the order of `p` with a separate multiply and add, so the AVX2 build (which keeps
 /// a stretch of `out` in registers over all the rows) gives the same result bit for bit.
@@ -345,8 +363,21 @@ mod avx2 {
         }
     }
 
+    /// See [`super::scaled_dots`], whose length checks hold: [`dot_f32`] inlined in a loop.
+    ///
     /// # Safety
     /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        for (p, o) in out.iter_mut().enumerate() {
+            // SAFETY: the CPU supports AVX2 (this function's contract).
+            *o = unsafe { dot_f32(q, &rows[p * stride..p * stride + q.len()]) } * scale;
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline]
     #[target_feature(enable = "avx2")]
     pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -495,10 +526,9 @@ pub struct AttentionState {
 
 #[derive(Debug, Clone)]
 enum KvStore {
-    F32 {
-        k: Vec<f32>,
-        v: Vec<f32>,
-    },
+    /// One `[len, head_dim]` array per kv head, so that attention streams a head's keys and
+    /// values from consecutive addresses.
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
     Codes {
         codec: KvCodec,
         k: Vec<u8>,
@@ -513,8 +543,8 @@ impl AttentionState {
     pub fn new(num_kv_heads: usize, head_dim: usize, kv_bits: Option<u8>) -> Self {
         let store = match kv_bits {
             None => KvStore::F32 {
-                k: Vec::new(),
-                v: Vec::new(),
+                k: vec![Vec::new(); num_kv_heads],
+                v: vec![Vec::new(); num_kv_heads],
             },
             Some(bits) => KvStore::Codes {
                 codec: KvCodec::new(bits, head_dim),
@@ -544,7 +574,7 @@ impl AttentionState {
     /// Bytes the stored keys and values take.
     pub fn bytes(&self) -> usize {
         match &self.store {
-            KvStore::F32 { k, v } => 4 * (k.len() + v.len()),
+            KvStore::F32 { k, v } => 4 * k.iter().chain(v).map(Vec::len).sum::<usize>(),
             KvStore::Codes {
                 k,
                 v,
@@ -560,8 +590,11 @@ impl AttentionState {
         debug_assert_eq!(k.len(), n * self.kv_heads * self.head_dim);
         match &mut self.store {
             KvStore::F32 { k: ks, v: vs } => {
-                ks.extend_from_slice(k);
-                vs.extend_from_slice(v);
+                for (src, heads) in [(k, ks), (v, vs)] {
+                    for (h, vector) in src.chunks_exact(self.head_dim).enumerate() {
+                        heads[h % self.kv_heads].extend_from_slice(vector);
+                    }
+                }
             }
             KvStore::Codes {
                 codec,
@@ -583,16 +616,16 @@ impl AttentionState {
         self.len += n;
     }
 
-    /// The stored keys and values as f32 `[len, kv_heads * head_dim]` matrices: borrowed when
-    /// they are stored as floats, decoded once (for this forward call of this block) when they
-    /// are codes, so that every query head of a group reads them without decoding again.
+    /// The stored keys and values as one f32 `[len, head_dim]` matrix per kv head: borrowed
+    /// when they are stored as floats, decoded once (for this forward call of this block) when
+    /// they are codes, so that every query head of a group reads them without decoding again.
     pub fn view(&self) -> KvView<'_> {
+        use std::borrow::Cow;
         match &self.store {
             KvStore::F32 { k, v } => KvView {
-                k: std::borrow::Cow::Borrowed(k),
-                v: std::borrow::Cow::Borrowed(v),
+                k: k.iter().map(|h| Cow::Borrowed(h.as_slice())).collect(),
+                v: v.iter().map(|h| Cow::Borrowed(h.as_slice())).collect(),
                 head_dim: self.head_dim,
-                kv_heads: self.kv_heads,
             },
             KvStore::Codes {
                 codec,
@@ -602,51 +635,51 @@ impl AttentionState {
                 v_params,
             } => {
                 let per = codec.bytes_per_vector();
-                let decode = |codes: &[u8], params: &[(f32, f32)]| {
-                    let mut out = vec![0f32; params.len() * self.head_dim];
-                    out.par_chunks_mut(self.head_dim)
-                        .zip(codes.par_chunks(per))
-                        .zip(params.par_iter())
-                        .for_each(|((o, c), &(lo, step))| codec.decode(c, lo, step, o));
-                    out
+                let (hd, heads) = (self.head_dim, self.kv_heads);
+                // Vector `pos * heads + h` of the codes is position `pos` of head `h`.
+                let decode = |codes: &[u8], params: &[(f32, f32)]| -> Vec<Cow<'_, [f32]>> {
+                    (0..heads)
+                        .map(|h| {
+                            let mut out = vec![0f32; self.len * hd];
+                            out.par_chunks_mut(hd).enumerate().for_each(|(pos, o)| {
+                                let i = pos * heads + h;
+                                let (lo, step) = params[i];
+                                codec.decode(&codes[i * per..(i + 1) * per], lo, step, o);
+                            });
+                            Cow::Owned(out)
+                        })
+                        .collect()
                 };
                 KvView {
-                    k: std::borrow::Cow::Owned(decode(k, k_params)),
-                    v: std::borrow::Cow::Owned(decode(v, v_params)),
+                    k: decode(k, k_params),
+                    v: decode(v, v_params),
                     head_dim: self.head_dim,
-                    kv_heads: self.kv_heads,
                 }
             }
         }
     }
 }
 
-/// The keys and values of an [`AttentionState`] as floats (see [`AttentionState::view`]).
+/// The keys and values of an [`AttentionState`] as floats (see [`AttentionState::view`]):
+/// one `[len, head_dim]` matrix per kv head.
 pub struct KvView<'a> {
-    k: std::borrow::Cow<'a, [f32]>,
-    v: std::borrow::Cow<'a, [f32]>,
+    k: Vec<std::borrow::Cow<'a, [f32]>>,
+    v: Vec<std::borrow::Cow<'a, [f32]>>,
     head_dim: usize,
-    kv_heads: usize,
 }
 
 impl KvView<'_> {
-    fn vector<'b>(&'b self, src: &'b [f32], pos: usize, kv_head: usize) -> &'b [f32] {
-        let index = pos * self.kv_heads + kv_head;
-        &src[index * self.head_dim..(index + 1) * self.head_dim]
-    }
-
     /// `scores[p] = (q . k_p) * scale` for the first `visible` positions of `kv_head`.
     pub fn scores(&self, q: &[f32], kv_head: usize, visible: usize, scale: f32) -> Vec<f32> {
-        (0..visible)
-            .map(|p| dot_f32(q, self.vector(&self.k, p, kv_head)) * scale)
-            .collect()
+        let mut out = vec![0f32; visible];
+        let hd = self.head_dim;
+        scaled_dots(&q[..hd], &self.k[kv_head], hd, scale, &mut out);
+        out
     }
 
     /// `out = sum_p weights[p] * v_p` over the positions of `kv_head` that `weights` covers.
     pub fn weighted_sum(&self, weights: &[f32], kv_head: usize, out: &mut [f32]) {
-        let stride = self.kv_heads * self.head_dim;
-        let first = kv_head * self.head_dim;
-        weighted_sum(weights, &self.v[first..], stride, out);
+        weighted_sum(weights, &self.v[kv_head], self.head_dim, out);
     }
 }
 
@@ -696,6 +729,15 @@ pub struct ForwardOutput {
     pub logits: Vec<f32>,
     /// One `[n, hidden]` entry per block, if requested.
     pub hidden: Vec<Vec<f32>>,
+}
+
+/// `x.exp()` for the shifted scores of a softmax (`x <= 0`), without libm's slow underflow
+/// path: below -104 the result rounds to +0 (the least subnormal f32 is `e^-103.28`), which
+/// is what `exp` returns there too, so the values are the same. A peaked attention row has
+/// many such scores, and the slow path was about a third of the exponentials' time.
+#[inline]
+fn exp_below_zero(x: f32) -> f32 {
+    if x < -104.0 { 0.0 } else { x.exp() }
 }
 
 /// RMSNorm of each `dim`-row of `x` into `out`: `w * x / sqrt(mean(x^2) + eps)` in f32, as HF
@@ -999,7 +1041,7 @@ impl<L: Linear> Transformer<'_, L> {
             let m = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
             let mut sum = 0f32;
             for s in scores.iter_mut() {
-                *s = (*s - m).exp();
+                *s = exp_below_zero(*s - m);
                 sum += *s;
             }
             for s in scores.iter_mut() {
@@ -1140,6 +1182,42 @@ mod tests {
                 assert_eq!(bits(&body), bits(&want), "{what}");
                 assert_eq!(bits(&got), bits(&want), "{what}");
             }
+        }
+    }
+
+    /// The attention scores (portable and AVX2 builds) equal one `dot_f32` per row, bit for bit.
+    #[test]
+    fn scaled_dots_equal_dot_f32() {
+        for len in [1usize, 31, 32, 33, 64, 128, 130] {
+            for (count, slack) in [(0usize, 0usize), (1, 0), (7, 5), (200, 640)] {
+                let stride = len + slack;
+                let rows = values(count * stride, 7 + len as u32);
+                let q = values(len, 21);
+                let scale = 1.0 / (len as f32).sqrt();
+                let want: Vec<u32> = (0..count)
+                    .map(|p| {
+                        (dot_f32_body(&q, &rows[p * stride..p * stride + len]) * scale).to_bits()
+                    })
+                    .collect();
+                let mut got = vec![f32::NAN; count];
+                scaled_dots(&q, &rows, stride, scale, &mut got);
+                let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "len {len} rows {count} stride {stride}");
+            }
+        }
+    }
+
+    /// The shortcut of the softmax's exponential equals `exp` wherever it applies, and around
+    /// where it starts.
+    #[test]
+    fn exp_below_zero_equals_exp() {
+        let mut x = -120.0f32;
+        while x <= 0.0 {
+            assert_eq!(exp_below_zero(x).to_bits(), x.exp().to_bits(), "x = {x}");
+            x += 0.001;
+        }
+        for x in [f32::NEG_INFINITY, f32::MIN, -1e6, -104.0, -103.98, -103.97] {
+            assert_eq!(exp_below_zero(x).to_bits(), x.exp().to_bits(), "x = {x}");
         }
     }
 
