@@ -305,6 +305,51 @@ pub fn dot_multi_rows_with(
     }
 }
 
+/// [`dot`] of one token over consecutive packed rows (`row_bytes` apart in `data`, one per
+/// element of `out`): `out[i]` is row `i`'s dot product. The build is chosen and the lengths
+/// checked once for the run of rows, and the AVX2 `i2` kernel loops over them without a call
+/// per row.
+pub fn dot_rows(
+    layout: TernaryLayout,
+    data: &[u8],
+    row_bytes: usize,
+    q: &[i8],
+    q_sum: i32,
+    k: usize,
+    out: &mut [i32],
+) {
+    dot_rows_with(Isa::active(), layout, data, row_bytes, q, q_sum, k, out)
+}
+
+/// [`dot_rows`] with a given build, which the CPU must support.
+#[allow(clippy::too_many_arguments)]
+pub fn dot_rows_with(
+    isa: Isa,
+    layout: TernaryLayout,
+    data: &[u8],
+    row_bytes: usize,
+    q: &[i8],
+    q_sum: i32,
+    k: usize,
+    out: &mut [i32],
+) {
+    assert!(q.len() >= padded_len(layout, k));
+    assert!(row_bytes >= layout.row_bytes(k) && data.len() >= out.len() * row_bytes);
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512) && layout == TernaryLayout::I2 {
+        assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
+        // SAFETY: the CPU supports AVX2 (asserted just above); lengths checked above.
+        unsafe { avx2::dot_i2_rows(data, row_bytes, q, q_sum, k, out) };
+        return;
+    }
+    for (row, o) in data.chunks_exact(row_bytes).zip(out.iter_mut()) {
+        *o = match isa {
+            Isa::Portable => dot_portable(layout, row, q, q_sum, k),
+            _ => dot_with(isa, layout, row, q, q_sum, k),
+        };
+    }
+}
+
 /// Largest activation magnitude [`dot_small`] takes (the int4 range is -8..=7).
 pub const SMALL_ACTIVATION: i32 = 8;
 
@@ -523,6 +568,28 @@ mod avx2 {
         hsum(acc) + super::t5_tail(tail, &q[full * t5::BLOCK..]) - q_sum
     }
 
+    /// [`super::dot_rows`] for `i2`: [`dot_i2`] over each row, inlined.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `data` must hold `out.len()` rows `row_bytes` apart, and `q`
+    /// the padded activations of `k` weights.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_i2_rows(
+        data: &[u8],
+        row_bytes: usize,
+        q: &[i8],
+        q_sum: i32,
+        k: usize,
+        out: &mut [i32],
+    ) {
+        let used = i2::row_bytes(k);
+        let q = &q[..k.div_ceil(i2::BLOCK) * i2::BLOCK];
+        for (row, o) in data.chunks_exact(row_bytes).zip(out.iter_mut()) {
+            *o = dot_i2(&row[..used], q, q_sum);
+        }
+    }
+
+    #[inline]
     #[target_feature(enable = "avx2")]
     fn dot_i2(row: &[u8], q: &[i8], q_sum: i32) -> i32 {
         let mask = _mm256_set1_epi8(3);
@@ -1256,6 +1323,12 @@ mod tests {
                         let mut got = vec![0i32; rows * tokens];
                         dot_multi_rows_with(isa, layout, &data, rb, &q, stride, &sums, k, &mut got);
                         assert_eq!(got, want, "{layout:?} k={k} tokens={tokens} {isa:?}");
+                        if tokens == 1 {
+                            // The single-token run of rows, as decoding calls it.
+                            let mut one = vec![0i32; rows];
+                            dot_rows_with(isa, layout, &data, rb, &q, sums[0], k, &mut one);
+                            assert_eq!(one, want, "{layout:?} k={k} {isa:?} dot_rows");
+                        }
                     }
                 }
             }

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::RunError;
 use super::assemble::{Parts, assemble};
-use super::kernels::{TILE, dot, dot_multi_rows, dot_small, dot_trits_f32, padded_len};
+use super::kernels::{TILE, dot, dot_multi_rows, dot_rows, dot_small, dot_trits_f32, padded_len};
 use super::model::{FloatMatrix, Linear, MatrixType, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::WeightRule;
@@ -83,9 +83,26 @@ impl Linear for TernaryLinear<'_> {
                 .unzip()
         };
         if n == 1 {
-            y.par_iter_mut()
+            // Runs of DECODE_ROWS rows per kernel call, many more runs than workers.
+            let (q_sum, factor) = (sums[0], factors[0]);
+            y.par_chunks_mut(DECODE_ROWS)
                 .enumerate()
-                .for_each(|(r, o)| *o = self.output(r, &q, sums[0], factors[0]));
+                .for_each(|(c, yc)| {
+                    let first = c * DECODE_ROWS;
+                    if matches!(self.act, ActQuant::Absmean4 { .. }) {
+                        for (i, o) in yc.iter_mut().enumerate() {
+                            *o = self.output(first + i, &q, q_sum, factor);
+                        }
+                        return;
+                    }
+                    let data = &self.data[first * self.row_bytes..];
+                    let mut dots = [0i32; DECODE_ROWS];
+                    let dots = &mut dots[..yc.len()];
+                    dot_rows(self.layout, data, self.row_bytes, &q, q_sum, k, dots);
+                    for (o, &d) in yc.iter_mut().zip(dots.iter()) {
+                        *o = d as f32 * factor;
+                    }
+                });
             return;
         }
         // Several tokens: workers take chunks of rows small enough to stay in L2, and run
@@ -121,6 +138,10 @@ impl Linear for TernaryLinear<'_> {
         });
     }
 }
+
+/// Rows of one decoded token per kernel call: a few KB to a few tens of KB of packed weights,
+/// and 2B4T's projections still split into 20 or more runs per worker.
+const DECODE_ROWS: usize = 32;
 
 /// An output buffer that parallel workers fill at disjoint indices.
 struct DisjointWrites<'a> {
