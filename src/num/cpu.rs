@@ -13,9 +13,8 @@ pub fn has_avx2() -> bool {
 }
 
 /// Whether this CPU has every extension the AVX-512 ternary kernels use: AVX-512 F, BW and VL
-/// (byte operations on 256- and 512-bit vectors), VNNI (`vpdpbusd`, four u8 x i8 products
-/// summed into each i32 lane) and VBMI (`vpermi2b`, the byte table lookups of the `t5`
-/// decoder).
+/// (byte operations on 256- and 512-bit vectors) and VNNI (`vpdpbusd`, four u8 x i8 products
+/// summed into each i32 lane).
 pub fn has_avx512_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -24,7 +23,6 @@ pub fn has_avx512_vnni() -> bool {
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx512vnni")
-            && std::is_x86_feature_detected!("avx512vbmi")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
