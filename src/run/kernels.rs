@@ -141,7 +141,7 @@ pub fn dot_with(
         (Isa::Portable, _) => {}
         // One `i2` token is bound by memory, not arithmetic, and the AVX2 build streams it
         // faster on the CPU measured (examples/bench_kernels.rs): the AVX-512 build serves
-        // `t5` (table lookups) and several tokens at once.
+        // `t5` (16-bit products) and several tokens at once.
         (Isa::Avx512, TernaryLayout::T5) => {
             assert!(
                 crate::num::cpu::has_avx512_vnni(),
@@ -333,7 +333,8 @@ pub fn dot_rows_with(
     out: &mut [i32],
 ) {
     assert!(q.len() >= padded_len(layout, k));
-    assert!(row_bytes >= layout.row_bytes(k) && data.len() >= out.len() * row_bytes);
+    let needed = out.len().checked_mul(row_bytes);
+    assert!(row_bytes >= layout.row_bytes(k) && needed.is_some_and(|n| data.len() >= n));
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && layout == TernaryLayout::I2 {
         assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
@@ -341,7 +342,9 @@ pub fn dot_rows_with(
         unsafe { avx2::dot_i2_rows(data, row_bytes, q, q_sum, k, out) };
         return;
     }
+    let (used, q) = (layout.row_bytes(k), &q[..padded_len(layout, k)]);
     for (row, o) in data.chunks_exact(row_bytes).zip(out.iter_mut()) {
+        let row = &row[..used];
         *o = match isa {
             Isa::Portable => dot_portable(layout, row, q, q_sum, k),
             _ => dot_with(isa, layout, row, q, q_sum, k),
@@ -407,7 +410,7 @@ pub fn dot_portable(layout: TernaryLayout, row: &[u8], q: &[i8], q_sum: i32, k: 
         }
         TernaryLayout::T5 => {
             let full = k / t5::BLOCK;
-            let (whole, tail) = row.split_at(full * t5::BLOCK_BYTES);
+            let (whole, tail) = row[..t5::row_bytes(k)].split_at(full * t5::BLOCK_BYTES);
             let mut acc = 0i32;
             for (block, qb) in whole
                 .chunks_exact(t5::BLOCK_BYTES)
@@ -533,7 +536,7 @@ mod avx2 {
         let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_si256();
         let full = k / t5::BLOCK;
-        let (whole, tail) = row.split_at(full * t5::BLOCK_BYTES);
+        let (whole, tail) = row[..t5::row_bytes(k)].split_at(full * t5::BLOCK_BYTES);
         let group_bytes = T5_BLOCKS_PER_WIDENING * t5::BLOCK_BYTES;
         for (group, qg) in whole
             .chunks(group_bytes)
@@ -999,7 +1002,7 @@ mod avx512 {
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn dot_t5(row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
         let full = k / t5::BLOCK;
-        let (whole, tail) = row.split_at(full * t5::BLOCK_BYTES);
+        let (whole, tail) = row[..t5::row_bytes(k)].split_at(full * t5::BLOCK_BYTES);
         let high_bytes = _mm256_set1_epi16(0xff00u16 as i16);
         let pow3: [__m256i; t5::TRITS_PER_BYTE] =
             std::array::from_fn(|j| _mm256_set1_epi16(3i16.pow(j as u32 + 1)));
@@ -1250,11 +1253,12 @@ mod tests {
         for layout in TernaryLayout::ALL {
             for k in [31usize, 160, 320, 481, 2560] {
                 let (rows, padded) = (5, padded_len(layout, k));
-                let rb = layout.row_bytes(k);
-                let mut data = vec![0u8; rows * rb];
+                // Rows further apart than they are long: the bytes between must be ignored.
+                let (used, rb) = (layout.row_bytes(k), layout.row_bytes(k) + 3);
+                let mut data = vec![0xffu8; rows * rb];
                 for row in data.chunks_exact_mut(rb) {
                     let trits: Vec<i8> = (0..k).map(|_| (rng.next() % 3) as i8 - 1).collect();
-                    layout.pack_row(&trits, row);
+                    layout.pack_row(&trits, &mut row[..used]);
                 }
                 for tokens in 1..=TILE {
                     let stride = padded + 3;
@@ -1275,7 +1279,7 @@ mod tests {
                     let mut want = Vec::new();
                     for row in data.chunks_exact(rb) {
                         for t in 0..tokens {
-                            want.push(dot_scalar(layout, row, &q[t * stride..], k));
+                            want.push(dot_scalar(layout, &row[..used], &q[t * stride..], k));
                         }
                     }
                     for isa in Isa::available() {

@@ -179,13 +179,23 @@ fn dot_f32_body(a: &[f32], b: &[f32]) -> f32 {
     )
 }
 
+/// Whether `rows` holds `count` rows of `len` values `stride` apart (the last one may end the
+/// slice), without overflow whatever the numbers.
+fn rows_hold(rows: &[f32], count: usize, stride: usize, len: usize) -> bool {
+    match count.checked_sub(1) {
+        None => true,
+        Some(last) => last
+            .checked_mul(stride)
+            .and_then(|start| start.checked_add(len))
+            .is_some_and(|need| rows.len() >= need),
+    }
+}
+
 /// `out[p] = dot_f32(q, rows[p * stride..p * stride + q.len()]) * scale` for every `p` of
 /// `out`, bit for bit, with one call for all the rows (attention scores: a call per key cost
 /// more than its 128 products).
 pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-    if let Some(last) = out.len().checked_sub(1) {
-        assert!(rows.len() >= last * stride + q.len());
-    }
+    assert!(rows_hold(rows, out.len(), stride, q.len()));
     #[cfg(target_arch = "x86_64")]
     if crate::num::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time just above); lengths asserted.
@@ -201,9 +211,7 @@ pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut
 /// from zero in the order of `p` with a separate multiply and add, so the AVX2 build (which keeps
 /// a stretch of `out` in registers over all the rows) gives the same result bit for bit.
 pub fn weighted_sum(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    if let Some(last) = weights.len().checked_sub(1) {
-        assert!(rows.len() >= last * stride + out.len());
-    }
+    assert!(rows_hold(rows, weights.len(), stride, out.len()));
     #[cfg(target_arch = "x86_64")]
     if crate::num::cpu::has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked at run time just above); lengths asserted.
@@ -290,9 +298,12 @@ mod avx2 {
     /// [`reduce_lanes`] of the 32 lanes the four accumulators hold (lane `i` of vector `j` is
     /// lane `8 j + i`), in vector registers: the same pairwise additions (`i + 16`, `+ 8`, `+ 4`,
     /// `+ 2`, `+ 1`), so the same result bit for bit, then the tail in order.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 (it is inlined into this module's AVX2 functions).
     #[inline(always)]
-    fn reduce(acc: [__m256; 4], tail: impl Iterator<Item = f32>) -> f32 {
-        // SAFETY (the intrinsics): this module's functions run only where AVX2 is supported.
+    unsafe fn reduce(acc: [__m256; 4], tail: impl Iterator<Item = f32>) -> f32 {
+        // SAFETY: the caller's contract.
         unsafe {
             let s8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
             let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
@@ -398,7 +409,8 @@ mod avx2 {
             }
             e += DOT_LANES;
         }
-        reduce(acc, a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y))
+        // SAFETY: the CPU supports AVX2 (this function's contract).
+        unsafe { reduce(acc, a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y)) }
     }
 
     /// # Safety
@@ -428,13 +440,12 @@ mod avx2 {
             }
             e += DOT_LANES;
         }
-        reduce(
-            acc,
-            w[2 * full..]
-                .chunks_exact(2)
-                .zip(&x[full..])
-                .map(|(b, v)| super::bf16_at(b, 0) * v),
-        )
+        let tail = w[2 * full..]
+            .chunks_exact(2)
+            .zip(&x[full..])
+            .map(|(b, v)| super::bf16_at(b, 0) * v);
+        // SAFETY: the CPU supports AVX2 (this function's contract).
+        unsafe { reduce(acc, tail) }
     }
 }
 
