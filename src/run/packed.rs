@@ -140,7 +140,7 @@ impl Linear for TernaryLinear<'_> {
 }
 
 /// Rows of one decoded token per kernel call: a few KB to a few tens of KB of packed weights,
-/// and 2B4T's projections still split into 20 or more runs per worker.
+/// and still 20 runs for the workers to share in 2B4T's smallest projections (640 rows).
 const DECODE_ROWS: usize = 32;
 
 /// An output buffer that parallel workers fill at disjoint indices.
