@@ -320,7 +320,8 @@ mod tests {
                     1 => 0x0001 | (rng.next_u64() as u16 & 0x807f),
                     2 => 0x7f7f | (rng.next_u64() as u16 & 0x8000),
                     _ => {
-                        0x3c00 + (rng.next_u64() % 0x400) as u16 | (rng.next_u64() as u16 & 0x8000)
+                        (0x3c00 + (rng.next_u64() % 0x400) as u16)
+                            | (rng.next_u64() as u16 & 0x8000)
                     }
                 };
             }
