@@ -82,11 +82,11 @@ pub fn sha256_file_unless(path: &Path, cancel: &AtomicBool) -> Result<Option<Str
 /// hashing takes no time, are hashed on their own.
 const MULTI_MIN_LEN: u64 = 1 << 20;
 
-/// Bytes of a file mapped at a time per lane of [`sha256_files_unless`]: eight lanes keep at
+/// Bytes of a file mapped at a time per lane of [`FilesHasher`]: eight lanes keep at
 /// most 64 MiB of the source mapped. A multiple of 64, so no block straddles two windows.
 const MULTI_WINDOW: u64 = 8 << 20;
 
-/// One file being hashed in a lane of [`sha256_files_unless`].
+/// One file being hashed by a [`FilesHasher`].
 struct Stream {
     index: usize,
     path: std::path::PathBuf,
@@ -122,6 +122,14 @@ impl Stream {
         let _ = map.advise(memmap2::Advice::Sequential);
         self.window = Some((map, start));
         Ok(())
+    }
+
+    /// Compresses the next `blocks` blocks, all in the mapped window, with the `sha2` crate.
+    fn compress(&mut self, blocks: usize) {
+        let (map, start) = self.window.as_ref().expect("a window is mapped");
+        let at = (self.done - start) as usize;
+        compress_one(&mut self.state, &map[at..at + blocks * 64]);
+        self.done += blocks as u64 * 64;
     }
 
     /// The bytes from `done` to the end of the mapped window.
@@ -169,145 +177,318 @@ fn compress_one(state: &mut [u32; 8], blocks: &[u8]) {
     }
 }
 
-/// SHA-256 of several files, as lower-case hex, each reported through `done(i, digest)` (`i`
-/// indexes `paths`) as soon as it is known. Files are taken in order from `next`, a counter
-/// that several calls may share to split the files between workers.
+/// SHA-256 of several files, shared by workers of two kinds.
 ///
-/// Where [`sha256x8::available`], up to eight large files are hashed at once, one per lane of
-/// the multi-buffer kernel, a lane taking the next file as soon as its own is done: about 1.6
-/// times the bytes per second of the SHA extensions hashing one file. Elsewhere, or with a
-/// single file left, each file is hashed on its own ([`sha256_file_unless`]).
+/// - [`FilesHasher::run_lanes`] hashes up to eight large files at once, one per lane of the
+///   multi-buffer kernel ([`sha256x8`]), taking the next file as soon as a lane is free:
+///   about 1.6 times the bytes per second of the SHA extensions hashing one file, but each
+///   file moves at an eighth of the kernel's speed.
+/// - [`FilesHasher::help`] hashes one file at a time with the SHA extensions: a new file if
+///   any is left, else the one with the most bytes left, taken over from the lanes between two
+///   steps of theirs (a step is one 8 MiB window). A worker with nothing else to do calls it,
+///   so the last bytes of the files are not left to a single core's lanes.
 ///
-/// Once `cancel` is set, the files not finished get `Ok(None)`, within one window's time.
-pub fn sha256_files_unless(
-    paths: &[&Path],
-    next: &std::sync::atomic::AtomicUsize,
-    cancel: &AtomicBool,
-    done: &mut dyn FnMut(usize, Result<Option<String>, FileError>),
-) {
-    sha256_files_with(paths, next, cancel, done, MULTI_MIN_LEN, MULTI_WINDOW);
-}
-
-/// [`sha256_files_unless`] with its two sizes as parameters (tests use small ones); `window`
-/// must be a multiple of 64 and of the page size.
-fn sha256_files_with(
-    paths: &[&Path],
-    next: &std::sync::atomic::AtomicUsize,
-    cancel: &AtomicBool,
-    done: &mut dyn FnMut(usize, Result<Option<String>, FileError>),
+/// Files are started in order; digests are the same whoever computes them. Once `cancel` is
+/// set, the files not finished get `Ok(None)`, within one window's time.
+pub struct FilesHasher<'a> {
+    paths: &'a [&'a Path],
+    cancel: &'a AtomicBool,
     min_len: u64,
     window: u64,
-) {
-    let take = || {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        (i < paths.len()).then_some(i)
-    };
-    if !sha256x8::available() {
-        while let Some(i) = take() {
-            done(i, sha256_file_unless(paths[i], cancel));
-        }
-        return;
+    shared: std::sync::Mutex<Shared>,
+}
+
+/// What the workers of a [`FilesHasher`] share.
+struct Shared {
+    /// The next file not started.
+    next: usize,
+    /// Files started and not being worked on.
+    idle: Vec<Stream>,
+    /// Files being worked on.
+    busy: usize,
+    /// Helpers waiting for a file to come back from the lanes.
+    waiting: usize,
+    results: Vec<Option<Result<Option<String>, FileError>>>,
+}
+
+/// What a worker takes from the shared state.
+enum Work {
+    /// A small file (or one that cannot be mapped), to hash on its own.
+    Whole(usize),
+    Stream(Stream),
+}
+
+impl<'a> FilesHasher<'a> {
+    pub fn new(paths: &'a [&'a Path], cancel: &'a AtomicBool) -> Self {
+        Self::with(paths, cancel, MULTI_MIN_LEN, MULTI_WINDOW)
     }
-    let mut lanes: Vec<Stream> = Vec::with_capacity(8);
-    let mut exhausted = false;
-    loop {
-        while lanes.len() < 8 && !exhausted {
-            let Some(i) = take() else {
-                exhausted = true;
-                break;
-            };
-            let path = paths[i];
-            let opened = fsio::open_regular(path).and_then(|file| {
-                let len = file
-                    .metadata()
-                    .map_err(|error| FileError::Io {
-                        path: path.to_path_buf(),
-                        error,
-                    })?
-                    .len();
-                Ok((file, len))
-            });
-            match opened {
-                Err(e) => done(i, Err(e)),
-                Ok((_, len)) if len < min_len => done(i, sha256_file_unless(path, cancel)),
-                Ok((file, len)) => lanes.push(Stream {
-                    index: i,
-                    path: path.to_path_buf(),
-                    file,
-                    len,
-                    done: 0,
-                    state: sha256x8::IV,
-                    window: None,
-                }),
+
+    /// With its two sizes as parameters (tests use small ones); `window` must be a multiple of
+    /// 64 and of the page size.
+    fn with(paths: &'a [&'a Path], cancel: &'a AtomicBool, min_len: u64, window: u64) -> Self {
+        FilesHasher {
+            paths,
+            cancel,
+            min_len,
+            window,
+            shared: std::sync::Mutex::new(Shared {
+                next: 0,
+                idle: Vec::new(),
+                busy: 0,
+                waiting: 0,
+                results: paths.iter().map(|_| None).collect(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens file `i`: a stream for the lanes, or, for a small file, the file to hash whole.
+    fn open(&self, i: usize) -> Result<Work, FileError> {
+        let path = self.paths[i];
+        let file = fsio::open_regular(path)?;
+        let len = file
+            .metadata()
+            .map_err(|error| FileError::Io {
+                path: path.to_path_buf(),
+                error,
+            })?
+            .len();
+        if len < self.min_len {
+            return Ok(Work::Whole(i));
+        }
+        Ok(Work::Stream(Stream {
+            index: i,
+            path: path.to_path_buf(),
+            file,
+            len,
+            done: 0,
+            state: sha256x8::IV,
+            window: None,
+        }))
+    }
+
+    /// Takes the next file not started, if any; reports it at once if it cannot be opened.
+    fn start_next(&self, shared: &mut Shared) -> Option<Work> {
+        while shared.next < self.paths.len() {
+            let i = shared.next;
+            shared.next += 1;
+            match self.open(i) {
+                Ok(w) => return Some(w),
+                Err(e) => shared.results[i] = Some(Err(e)),
             }
         }
-        if lanes.is_empty() {
-            return;
-        }
-        if cancel.load(Ordering::Relaxed) {
-            for s in lanes.drain(..) {
-                done(s.index, Ok(None));
-            }
-            while let Some(i) = take() {
-                done(i, Ok(None));
-            }
-            return;
-        }
-        // A file that cannot be mapped is read instead, on its own.
-        let mut k = 0;
-        while k < lanes.len() {
-            if lanes[k].ensure_window(window).is_err() {
-                let s = lanes.swap_remove(k);
-                done(s.index, sha256_file_unless(&s.path, cancel));
-            } else {
-                k += 1;
-            }
-        }
-        if lanes.is_empty() {
-            continue;
-        }
-        let blocks = lanes
-            .iter()
-            .map(|s| s.ahead().len() / 64)
-            .min()
-            .unwrap_or(0);
-        if lanes.len() == 1 {
-            let s = &mut lanes[0];
-            let (map, start) = s.window.as_ref().expect("a window is mapped");
-            let at = (s.done - start) as usize;
-            compress_one(&mut s.state, &map[at..at + blocks * 64]);
+        None
+    }
+
+    /// Hashes a whole file on its own and records its digest.
+    fn whole(&self, i: usize) {
+        let d = sha256_file_unless(self.paths[i], self.cancel);
+        self.lock().results[i] = Some(d);
+    }
+
+    /// Records a stream that is finished, or puts it back for the next step.
+    fn put_back(&self, shared: &mut Shared, s: Stream) {
+        if s.len - s.done < 64 {
+            let i = s.index;
+            shared.results[i] = Some(s.finish().map(Some));
         } else {
-            static IDLE: [u8; 64] = [0; 64];
-            let mut states = [sha256x8::IV; 8];
-            for (st, s) in states.iter_mut().zip(&lanes) {
-                *st = s.state;
-            }
-            let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match lanes.get(l) {
-                Some(s) => sha256x8::Lane {
-                    data: s.ahead(),
-                    step: 64,
-                },
-                None => sha256x8::Lane {
-                    data: &IDLE,
-                    step: 0,
-                },
-            });
-            sha256x8::compress8(&mut states, &views, blocks);
-            for (s, st) in lanes.iter_mut().zip(states) {
-                s.state = st;
-            }
+            shared.idle.push(s);
         }
-        let mut k = 0;
-        while k < lanes.len() {
-            let s = &mut lanes[k];
-            s.done += blocks as u64 * 64;
-            if s.len - s.done < 64 {
-                let s = lanes.swap_remove(k);
-                done(s.index, s.finish().map(Some));
+    }
+
+    /// Maps the window of `s`'s next block; if that fails, hashes the file by reading it.
+    fn ready(&self, s: &mut Stream) -> bool {
+        if s.ensure_window(self.window).is_ok() {
+            return true;
+        }
+        let d = sha256_file_unless(&s.path, self.cancel);
+        self.lock().results[s.index] = Some(d);
+        false
+    }
+
+    /// Hashes files in the lanes of the multi-buffer kernel until none is left to take. Where
+    /// the kernel does not run, the same as [`FilesHasher::help`].
+    pub fn run_lanes(&self) {
+        if !sha256x8::available() {
+            self.help();
+            return;
+        }
+        let mut lanes: Vec<Stream> = Vec::with_capacity(8);
+        let mut whole = Vec::new();
+        loop {
+            {
+                let mut shared = self.lock();
+                for s in lanes.drain(..) {
+                    shared.busy -= 1;
+                    self.put_back(&mut shared, s);
+                }
+                // Leave the file with the most bytes left to a waiting helper.
+                let keep = usize::from(shared.waiting > 0);
+                shared.idle.sort_by_key(|s| s.done.wrapping_sub(s.len));
+                while lanes.len() < 8 && shared.idle.len() > keep {
+                    lanes.push(shared.idle.pop().expect("idle is not empty"));
+                }
+                while lanes.len() < 8 {
+                    match self.start_next(&mut shared) {
+                        Some(Work::Stream(s)) => lanes.push(s),
+                        Some(Work::Whole(i)) => whole.push(i),
+                        None => break,
+                    }
+                }
+                shared.busy += lanes.len();
+            }
+            for i in whole.drain(..) {
+                self.whole(i);
+            }
+            if self.cancel.load(Ordering::Relaxed) {
+                let n = lanes.len();
+                self.cancel_all(std::mem::take(&mut lanes));
+                self.lock().busy -= n;
+                return;
+            }
+            let mut k = 0;
+            while k < lanes.len() {
+                if self.ready(&mut lanes[k]) {
+                    k += 1;
+                } else {
+                    lanes.swap_remove(k);
+                    self.lock().busy -= 1;
+                }
+            }
+            if lanes.is_empty() {
+                // Nothing left, or only what a helper is doing or about to take.
+                return;
+            }
+            let blocks = lanes
+                .iter()
+                .map(|s| s.ahead().len() / 64)
+                .min()
+                .unwrap_or(0);
+            if lanes.len() == 1 {
+                lanes[0].compress(blocks);
             } else {
-                k += 1;
+                static IDLE: [u8; 64] = [0; 64];
+                let mut states = [sha256x8::IV; 8];
+                for (st, s) in states.iter_mut().zip(&lanes) {
+                    *st = s.state;
+                }
+                let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match lanes.get(l) {
+                    Some(s) => sha256x8::Lane {
+                        data: s.ahead(),
+                        step: 64,
+                    },
+                    None => sha256x8::Lane {
+                        data: &IDLE,
+                        step: 0,
+                    },
+                });
+                sha256x8::compress8(&mut states, &views, blocks);
+                for (s, st) in lanes.iter_mut().zip(states) {
+                    s.state = st;
+                    s.done += blocks as u64 * 64;
+                }
             }
         }
+    }
+
+    /// Hashes files one at a time with the SHA extensions until none is left to take: new
+    /// files first, then files taken over from the lanes (the one with the most bytes left),
+    /// waiting for the lanes' current step when they hold every file left. Whether it hashed
+    /// anything.
+    pub fn help(&self) -> bool {
+        let mut worked = false;
+        let mut waiting = false;
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                if waiting {
+                    self.lock().waiting -= 1;
+                }
+                return worked;
+            }
+            let work = {
+                let mut shared = self.lock();
+                shared.idle.sort_by_key(|s| s.done.wrapping_sub(s.len));
+                let work = if shared.idle.is_empty() {
+                    self.start_next(&mut shared)
+                } else {
+                    Some(Work::Stream(shared.idle.remove(0)))
+                };
+                match work {
+                    Some(w) => {
+                        shared.busy += 1;
+                        if waiting {
+                            shared.waiting -= 1;
+                            waiting = false;
+                        }
+                        w
+                    }
+                    None if shared.busy == 0 => {
+                        if waiting {
+                            shared.waiting -= 1;
+                        }
+                        return worked;
+                    }
+                    None => {
+                        // Every file left is in the lanes: ask for one back at their next step.
+                        if !waiting {
+                            shared.waiting += 1;
+                            waiting = true;
+                        }
+                        drop(shared);
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    }
+                }
+            };
+            worked = true;
+            match work {
+                Work::Whole(i) => self.whole(i),
+                Work::Stream(mut s) => {
+                    let mut mapped = true;
+                    while !self.cancel.load(Ordering::Relaxed) && s.len - s.done >= 64 {
+                        mapped = self.ready(&mut s);
+                        if !mapped {
+                            break;
+                        }
+                        let blocks = s.ahead().len() / 64;
+                        s.compress(blocks);
+                    }
+                    if mapped && s.len - s.done < 64 {
+                        let mut shared = self.lock();
+                        self.put_back(&mut shared, s);
+                    } else if mapped {
+                        // Cancelled.
+                        self.cancel_all(vec![s]);
+                    }
+                }
+            }
+            self.lock().busy -= 1;
+        }
+    }
+
+    /// After `cancel`: every file not finished, `held` and the rest, gets `Ok(None)`.
+    fn cancel_all(&self, held: Vec<Stream>) {
+        let mut shared = self.lock();
+        for s in held.into_iter().chain(std::mem::take(&mut shared.idle)) {
+            shared.results[s.index].get_or_insert(Ok(None));
+        }
+        shared.next = self.paths.len();
+        for r in shared.results.iter_mut() {
+            r.get_or_insert(Ok(None));
+        }
+    }
+
+    /// The digests, in the order of the paths. Call it once every worker has returned.
+    pub fn into_results(self) -> Vec<Result<Option<String>, FileError>> {
+        let shared = self.shared.into_inner().unwrap_or_else(|e| e.into_inner());
+        shared
+            .results
+            .into_iter()
+            .map(|r| r.unwrap_or(Ok(None)))
+            .collect()
     }
 }
 
@@ -319,7 +500,6 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
     /// Files above one mapping window are hashed window by window; small ones are read. Both
     /// must give the digest of the whole content (expected digests computed with Python hashlib).
@@ -349,7 +529,6 @@ mod tests {
     #[test]
     fn several_files_hash_as_one_at_a_time() {
         use sha2::Digest;
-        use std::sync::atomic::AtomicUsize;
         let dir = tempfile::tempdir().unwrap();
         let window = 4096u64;
         let mut lens: Vec<u64> = vec![0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 200];
@@ -372,54 +551,106 @@ mod tests {
         paths.insert(3, dir.path().join("missing"));
         expected.insert(3, None);
         let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
-        let next = AtomicUsize::new(0);
         let never = AtomicBool::new(false);
-        let got = Mutex::new((0..refs.len()).map(|_| None).collect::<Vec<_>>());
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    sha256_files_with(
-                        &refs,
-                        &next,
-                        &never,
-                        &mut |i, d| got.lock().unwrap()[i] = Some(d),
-                        100,
-                        window,
-                    )
-                });
-            }
-        });
-        for (i, (d, want)) in got
-            .into_inner()
-            .unwrap()
-            .into_iter()
-            .zip(&expected)
-            .enumerate()
-        {
-            let d = d.expect("every file is reported");
-            match want {
-                Some(want) => assert_eq!(d.unwrap().as_deref(), Some(want.as_str()), "file {i}"),
-                None => assert!(d.is_err(), "file {i} is missing"),
+        // Lanes alone, a helper alone, and lanes and helpers together.
+        for (lanes, helpers) in [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)] {
+            let hasher = FilesHasher::with(&refs, &never, 100, window);
+            std::thread::scope(|s| {
+                for _ in 0..lanes {
+                    s.spawn(|| hasher.run_lanes());
+                }
+                for _ in 0..helpers {
+                    s.spawn(|| hasher.help());
+                }
+            });
+            let got = hasher.into_results();
+            for (i, (d, want)) in got.into_iter().zip(&expected).enumerate() {
+                match want {
+                    Some(want) => {
+                        assert_eq!(d.unwrap().as_deref(), Some(want.as_str()), "file {i}")
+                    }
+                    None => assert!(d.is_err(), "file {i} is missing"),
+                }
             }
         }
 
         let cancelled = AtomicBool::new(true);
-        let next = AtomicUsize::new(0);
-        let mut seen = Vec::new();
-        sha256_files_with(
-            &refs,
-            &next,
-            &cancelled,
-            &mut |i, d| {
+        for run in [FilesHasher::run_lanes, |h: &FilesHasher<'_>| {
+            h.help();
+        }] {
+            let hasher = FilesHasher::with(&refs, &cancelled, 100, window);
+            run(&hasher);
+            for (i, d) in hasher.into_results().into_iter().enumerate() {
                 if let Ok(d) = d {
                     assert_eq!(d, None, "file {i}");
                 }
-                seen.push(i)
+            }
+        }
+    }
+
+    /// A file part-hashed in the lanes and taken over by a helper ends with the right digest:
+    /// the state moves from the eight-lane kernel to the `sha2` crate's between two windows.
+    #[test]
+    fn files_taken_over_from_the_lanes_hash_right() {
+        use sha2::Digest;
+        if !sha256x8::available() {
+            eprintln!("skipped: no AVX-512 F and VL on this CPU");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let window = 4096u64;
+        let mut rng = crate::num::SplitMix64(3);
+        let lens = [3 * window + 5, 5 * window, 2 * window + 63];
+        let mut paths = Vec::new();
+        let mut expected = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let path = dir.path().join(format!("f{i}"));
+            std::fs::write(&path, &bytes).unwrap();
+            expected.push(hex(&sha2::Sha256::digest(&bytes)));
+            paths.push(path);
+        }
+        let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let never = AtomicBool::new(false);
+        let hasher = FilesHasher::with(&refs, &never, 100, window);
+        // One lanes step by hand: every file's first window through the kernel.
+        let mut streams: Vec<Stream> = (0..lens.len())
+            .map(|i| match hasher.open(i).unwrap() {
+                Work::Stream(s) => s,
+                Work::Whole(_) => unreachable!("every file is above min_len"),
+            })
+            .collect();
+        static IDLE: [u8; 64] = [0; 64];
+        for s in streams.iter_mut() {
+            s.ensure_window(window).unwrap();
+        }
+        let mut states = [sha256x8::IV; 8];
+        let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match streams.get(l) {
+            Some(s) => sha256x8::Lane {
+                data: s.ahead(),
+                step: 64,
             },
-            100,
-            window,
-        );
-        seen.sort();
-        assert_eq!(seen, (0..refs.len()).collect::<Vec<_>>());
+            None => sha256x8::Lane {
+                data: &IDLE,
+                step: 0,
+            },
+        });
+        sha256x8::compress8(&mut states, &views, (window / 64) as usize);
+        for (s, st) in streams.iter_mut().zip(states) {
+            s.state = st;
+            s.done = window;
+        }
+        {
+            let mut shared = hasher.lock();
+            shared.next = lens.len();
+            shared.idle = streams;
+        }
+        assert!(hasher.help());
+        let got: Vec<String> = hasher
+            .into_results()
+            .into_iter()
+            .map(|d| d.unwrap().unwrap())
+            .collect();
+        assert_eq!(got, expected);
     }
 }
