@@ -126,16 +126,20 @@ impl Stream {
 
     /// Compresses the next `blocks` blocks, all in the mapped window, with the `sha2` crate.
     fn compress(&mut self, blocks: usize) {
-        let (map, start) = self.window.as_ref().expect("a window is mapped");
-        let at = (self.done - start) as usize;
-        compress_one(&mut self.state, &map[at..at + blocks * 64]);
-        self.done += blocks as u64 * 64;
+        let ahead = self.ahead();
+        let n = (blocks * 64).min(ahead.len() / 64 * 64);
+        let mut state = self.state;
+        compress_one(&mut state, &ahead[..n]);
+        self.state = state;
+        self.done += n as u64;
     }
 
-    /// The bytes from `done` to the end of the mapped window.
+    /// The bytes from `done` to the end of the mapped window (none if no window is mapped).
     fn ahead(&self) -> &[u8] {
-        let (map, start) = self.window.as_ref().expect("a window is mapped");
-        &map[(self.done - start) as usize..]
+        match &self.window {
+            Some((map, start)) => map.get((self.done - start) as usize..).unwrap_or_default(),
+            None => &[],
+        }
     }
 
     /// Pads and compresses the last bytes (fewer than 64, read from the file); the digest.
@@ -329,7 +333,8 @@ impl<'a> FilesHasher<'a> {
                 let keep = usize::from(shared.waiting > 0);
                 shared.idle.sort_by_key(|s| s.done.wrapping_sub(s.len));
                 while lanes.len() < 8 && shared.idle.len() > keep {
-                    lanes.push(shared.idle.pop().expect("idle is not empty"));
+                    let Some(s) = shared.idle.pop() else { break };
+                    lanes.push(s);
                 }
                 while lanes.len() < 8 {
                     match self.start_next(&mut shared) {
