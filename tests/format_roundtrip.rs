@@ -138,3 +138,67 @@ proptest! {
         }
     }
 }
+
+/// A tensor written without its digest: the file is refused until the digest is given, a
+/// digest for a tensor that does not wait for one is refused, and with it the file validates.
+#[test]
+fn digests_given_later_must_all_come() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..300).map(|i| i as f32 * 0.25 - 7.0).collect();
+    let mut raw = Vec::new();
+    encode_f32(FloatDtype::Bf16, &values, &mut raw);
+    let plans: Vec<TensorPlan> = (0..2)
+        .map(|i| TensorPlan {
+            name: format!("t{i}"),
+            role: Role::AttnNorm,
+            layer: None,
+            encoding: Encoding::from_float(FloatDtype::Bf16),
+            shape: vec![values.len() as u64],
+            compression: Compression::None,
+        })
+        .collect();
+    let provenance = Provenance {
+        tool: "test".into(),
+        tool_version: "0".into(),
+        source_files: vec![],
+        options: BTreeMap::new(),
+    };
+    let write = |path: &std::path::Path| {
+        let mut w = BpkWriter::create(
+            path,
+            false,
+            config(),
+            QuantScheme::bitnet_b158(),
+            provenance.clone(),
+            plans.clone(),
+        )
+        .unwrap();
+        w.write_tensor_bytes(None, &raw).unwrap();
+        w.write_tensor_bytes_digest_later(None, &raw).unwrap();
+        w
+    };
+    let digest = bitnet_pack::num::digest::hex(&Sha256::digest(&raw));
+
+    let never_given = dir.path().join("a.bpk");
+    let w = write(&never_given);
+    assert!(w.finish(provenance.clone()).is_err());
+    assert!(!never_given.exists());
+
+    let path = dir.path().join("b.bpk");
+    let mut w = write(&path);
+    assert!(
+        w.set_digest("t0", digest.clone()).is_err(),
+        "t0 has its digest"
+    );
+    assert!(w.set_digest("t1", "00".into()).is_err(), "not a SHA-256");
+    w.set_digest("t1", digest.clone()).unwrap();
+    w.finish(provenance.clone()).unwrap().persist().unwrap();
+    // The test model is not a whole model, but no digest may disagree with its tensor.
+    let report = bitnet_pack::format::validate::validate_file(&path).unwrap();
+    let kinds: Vec<&str> = report.findings.iter().map(|f| f.kind.as_str()).collect();
+    assert!(kinds.contains(&"MissingTensor"), "the check ran: {kinds:?}");
+    assert!(!kinds.contains(&"DataChecksum"), "{kinds:?}");
+    let file = BpkFile::open(&path).unwrap();
+    assert_eq!(file.header.tensors[1].sha256, digest);
+}

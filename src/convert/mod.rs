@@ -49,7 +49,7 @@ use crate::format::{
 use crate::fsio::FileError;
 use crate::model::{ModelConfig, Role, TensorSpec, expected_tensors};
 use crate::num::FloatDtype;
-use crate::num::digest::{FilesHasher, sha256_file};
+use crate::num::digest::{FilesHasher, Message, sha256_file};
 use crate::num::dtype::{decode_f32, encode_f32, first_non_finite, first_non_finite_serial};
 use crate::pack::{TernaryLayout, q8};
 use crate::quant::AbsmeanScale;
@@ -350,18 +350,45 @@ fn hash_and_write(
     timings: &Timings,
 ) -> (Result<Vec<String>, SourceError>, Result<(), ConvertError>) {
     let cancel = AtomicBool::new(false);
-    let paths: Vec<&Path> = ckpt.shards.iter().map(|s| s.path.as_path()).collect();
-    let hasher = FilesHasher::new(&paths, &cancel);
+    let shards = ckpt.shards.len();
     // The lanes hash eight files on one core with 65% of the CPU time the SHA extensions take,
     // but each file at a fifth of their speed: worth it when cores are scarce, that is when
     // there are at least three files per worker (7 shards on 2 cores). Otherwise one file per
     // task, as many at once as there are workers.
-    let lanes =
-        crate::num::sha256x8::available() && paths.len() >= 3 * rayon::current_num_threads();
+    let lanes = crate::num::sha256x8::available() && shards >= 3 * rayon::current_num_threads();
+    // Lanes the shards leave free hash the largest float tensors stored as they are (the
+    // embedding), whose digests the writer would otherwise compute on the tensors' worker.
+    let free = if lanes { (8 - shards % 8) % 8 } else { 0 };
+    let mut as_is: Vec<&Job<'_>> = jobs
+        .iter()
+        .filter(|j| stored_as_is(j, rotation, opts) && ckpt.bytes(j.source).len() >= 16 << 20)
+        .collect();
+    as_is.sort_by_key(|j| std::cmp::Reverse(ckpt.bytes(j.source).len()));
+    as_is.truncate(free);
+    let releases: Vec<Box<dyn Fn(usize, usize) + Sync + '_>> = as_is
+        .iter()
+        .map(|j| {
+            let t = j.source;
+            Box::new(move |offset, len| ckpt.release_range(t, offset, len)) as Box<_>
+        })
+        .collect();
+    let messages: Vec<Message<'_>> = ckpt
+        .shards
+        .iter()
+        .map(|s| Message::File(s.path.as_path()))
+        .chain(
+            as_is
+                .iter()
+                .zip(&releases)
+                .map(|(j, r)| Message::Bytes(ckpt.bytes(j.source), r.as_ref())),
+        )
+        .collect();
+    let deferred: Vec<&str> = as_is.iter().map(|j| j.spec.name.as_str()).collect();
+    let hasher = FilesHasher::new(&messages, &cancel);
     let tasks = if lanes {
-        paths.len().div_ceil(8)
+        messages.len().div_ceil(8)
     } else {
-        paths.len()
+        shards
     };
     let written = rayon::scope(|s| {
         for _ in 0..tasks {
@@ -376,7 +403,9 @@ fn hash_and_write(
                 timings.shard_hashed(t);
             });
         }
-        let written = write_tensors(ckpt, jobs, rotation, writer, out, opts, progress, timings);
+        let written = write_tensors(
+            ckpt, jobs, rotation, writer, out, opts, &deferred, progress, timings,
+        );
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
         } else {
@@ -388,8 +417,9 @@ fn hash_and_write(
         }
         written
     });
-    let hashes = hasher
-        .into_results()
+    let mut results = hasher.into_results();
+    let tensor_digests = results.split_off(shards);
+    let hashes = results
         .into_iter()
         .map(|d| match d {
             Ok(Some(h)) => Ok(h),
@@ -398,6 +428,19 @@ fn hash_and_write(
             Err(e) => Err(SourceError::from(e)),
         })
         .collect();
+    let written = written.and_then(|()| {
+        for (name, d) in deferred.iter().zip(tensor_digests) {
+            // Bytes in memory cannot fail to hash; `None` only after a cancel.
+            let d = match d {
+                Ok(Some(d)) => d,
+                _ => String::new(),
+            };
+            writer
+                .set_digest(name, d)
+                .map_err(|e| write_error(out, e))?;
+        }
+        Ok(())
+    });
     (hashes, written)
 }
 
@@ -587,6 +630,7 @@ fn write_tensors(
     writer: &mut BpkWriter,
     out: &Path,
     opts: &ConvertOptions,
+    deferred: &[&str],
     progress: &(dyn Fn(u64) + Sync),
     timings: &Timings,
 ) -> Result<(), ConvertError> {
@@ -595,7 +639,9 @@ fn write_tensors(
         let previous = pending.take();
         let (emitted, made) = rayon::join(
             || match previous {
-                Some((j, m)) => emit(ckpt, j, m, rotation, writer, out, opts, progress, timings),
+                Some((j, m)) => emit(
+                    ckpt, j, m, rotation, writer, out, opts, deferred, progress, timings,
+                ),
                 None => Ok(()),
             },
             || make(ckpt, job, rotation, opts, timings),
@@ -605,7 +651,9 @@ fn write_tensors(
         pending = Some((job, made?));
     }
     if let Some((j, m)) = pending {
-        emit(ckpt, j, m, rotation, writer, out, opts, progress, timings)?;
+        emit(
+            ckpt, j, m, rotation, writer, out, opts, deferred, progress, timings,
+        )?;
     }
     Ok(())
 }
@@ -636,6 +684,17 @@ fn overflow(
         value,
         dtype: dtype.as_str(),
     }
+}
+
+/// Whether [`make`] hands a tensor's source bytes over unchanged ([`Made::Bytes`] of a float
+/// tensor): not ternary, not rotated, not made `q8_0`, not re-encoded, not compressed.
+fn stored_as_is(job: &Job<'_>, rotation: Option<&Rotation>, opts: &ConvertOptions) -> bool {
+    let role = job.spec.role;
+    !role.is_ternary()
+        && rotation.is_none()
+        && !(opts.q8_outputs && is_q8_role(role))
+        && opts.keep.unwrap_or(job.source.dtype) == job.source.dtype
+        && !opts.compress
 }
 
 /// The first stage for one tensor: ternarizes a projection into its packed bytes, or checks a
@@ -741,6 +800,7 @@ fn emit(
     writer: &mut BpkWriter,
     out: &Path,
     opts: &ConvertOptions,
+    deferred: &[&str],
     progress: &(dyn Fn(u64) + Sync),
     timings: &Timings,
 ) -> Result<(), ConvertError> {
@@ -760,6 +820,9 @@ fn emit(
         return Ok(());
     }
     match made {
+        Made::Bytes { scale, bytes } if deferred.contains(&job.spec.name.as_str()) => writer
+            .write_tensor_bytes_digest_later(scale, &bytes)
+            .map_err(out_path)?,
         Made::Bytes { scale, bytes } => {
             writer.write_tensor_bytes(scale, &bytes).map_err(out_path)?
         }

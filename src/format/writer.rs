@@ -146,6 +146,9 @@ pub struct BpkWriter {
     /// Whether [`BpkWriter::to_disk`] asked for the data to go to disk as it is written.
     to_disk: bool,
     times: WriterTimes,
+    /// Tensors written without their digest ([`BpkWriter::write_tensor_bytes_digest_later`]):
+    /// name and index, until [`BpkWriter::set_digest`].
+    deferred: Vec<(String, usize)>,
 }
 
 /// Dirty data after which the writer asks the kernel to start writing it to disk, so that the
@@ -215,6 +218,7 @@ impl BpkWriter {
             written_back: 0,
             to_disk: false,
             times: WriterTimes::default(),
+            deferred: Vec::new(),
         })
     }
 
@@ -306,6 +310,40 @@ impl BpkWriter {
         self.times.write += write_time;
         written?;
         self.end_tensor(scale, start, bytes.len() as u64, &digest)
+    }
+
+    /// Writes the next tensor in plan order from bytes already in memory, without hashing
+    /// them: the caller computes their SHA-256 elsewhere (a conversion, in a free lane of the
+    /// source's hashing) and gives it to [`BpkWriter::set_digest`] before
+    /// [`BpkWriter::finish`], which refuses to write a header with a digest missing.
+    pub fn write_tensor_bytes_digest_later(
+        &mut self,
+        scale: Option<f32>,
+        bytes: &[u8],
+    ) -> Result<(), WriteError> {
+        let start = self.begin_tensor()?;
+        let t = Instant::now();
+        let written = self.out.write_all(bytes);
+        self.times.write += t.elapsed();
+        written?;
+        let index = self.next;
+        self.deferred.push((self.plans[index].name.clone(), index));
+        self.end_tensor(scale, start, bytes.len() as u64, &[])
+    }
+
+    /// The SHA-256 of a tensor written by [`BpkWriter::write_tensor_bytes_digest_later`].
+    /// `digest` is lower-case hex.
+    pub fn set_digest(&mut self, name: &str, digest: String) -> Result<(), WriteError> {
+        let found = self.deferred.iter().position(|(n, _)| n == name);
+        let Some(at) = found.filter(|_| digest.len() == SHA256_HEX) else {
+            return Err(WriteError::Internal {
+                name: name.to_string(),
+                problem: "has no digest to be set".into(),
+            });
+        };
+        let (_, index) = self.deferred.swap_remove(at);
+        self.header.tensors[index].sha256 = digest;
+        Ok(())
     }
 
     /// Pads to the next tensor's offset; returns it.
@@ -404,6 +442,12 @@ impl BpkWriter {
             return Err(WriteError::Internal {
                 name,
                 problem: "was never written".into(),
+            });
+        }
+        if let Some((name, _)) = self.deferred.first() {
+            return Err(WriteError::Internal {
+                name: name.clone(),
+                problem: "was written without its digest, which never came".into(),
             });
         }
         let data_len = align_up(self.pos).expect("data section fits in u64");

@@ -86,22 +86,54 @@ const MULTI_MIN_LEN: u64 = 1 << 20;
 /// most 64 MiB of the source mapped. A multiple of 64, so no block straddles two windows.
 const MULTI_WINDOW: u64 = 8 << 20;
 
-/// One file being hashed by a [`FilesHasher`].
-struct Stream {
+/// What [`Message::Bytes`] calls with each range of its bytes once hashed.
+pub type Release<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+/// What a [`FilesHasher`] hashes.
+#[derive(Clone, Copy)]
+pub enum Message<'a> {
+    /// A file, read through mapped windows.
+    File(&'a Path),
+    /// Bytes already mapped (a tensor of a checkpoint), and what to call with each range of
+    /// them once hashed (`release(offset, len)`), so that their pages need not stay resident.
+    Bytes(&'a [u8], Release<'a>),
+}
+
+/// One message being hashed by a [`FilesHasher`].
+struct Stream<'a> {
     index: usize,
     path: std::path::PathBuf,
-    file: std::fs::File,
+    /// The open file, or the bytes and their release call.
+    file: Option<std::fs::File>,
+    bytes: Option<(&'a [u8], Release<'a>)>,
     len: u64,
     /// Bytes compressed so far (a multiple of 64).
     done: u64,
+    /// Bytes released so far (of bytes only).
+    released: u64,
     state: [u32; 8],
     /// The mapped window holding byte `done`, and the file offset where it starts.
     window: Option<(memmap2::Mmap, u64)>,
+    /// Bytes per window.
+    step: u64,
 }
 
-impl Stream {
+impl Stream<'_> {
     /// Maps the window that holds byte `done`, if the current one does not.
-    fn ensure_window(&mut self, window: u64) -> std::io::Result<()> {
+    fn ensure_window(&mut self) -> std::io::Result<()> {
+        let window = self.step;
+        if let Some((bytes, release)) = self.bytes {
+            // Bytes need no map: release the windows hashed so far.
+            let behind = (self.done / window * window).min(bytes.len() as u64);
+            if behind > self.released {
+                release(self.released as usize, (behind - self.released) as usize);
+                self.released = behind;
+            }
+            return Ok(());
+        }
+        let Some(file) = &self.file else {
+            return Err(std::io::Error::other("neither a file nor bytes"));
+        };
         if let Some((map, start)) = &self.window
             && self.done - start < map.len() as u64
         {
@@ -112,12 +144,7 @@ impl Stream {
         let n = window.min(self.len - start) as usize;
         // SAFETY: a read-only private map of a range of the file; as for the checkpoint's own
         // maps, the file must not be truncated while it is read.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(start)
-                .len(n)
-                .map(&self.file)?
-        };
+        let map = unsafe { memmap2::MmapOptions::new().offset(start).len(n).map(file)? };
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Sequential);
         self.window = Some((map, start));
@@ -136,6 +163,12 @@ impl Stream {
 
     /// The bytes from `done` to the end of the mapped window (none if no window is mapped).
     fn ahead(&self) -> &[u8] {
+        if let Some((bytes, _)) = self.bytes {
+            let end = (self.done / self.step + 1) * self.step;
+            return bytes
+                .get(self.done as usize..end.min(self.len) as usize)
+                .unwrap_or_default();
+        }
         match &self.window {
             Some((map, start)) => map.get((self.done - start) as usize..).unwrap_or_default(),
             None => &[],
@@ -143,18 +176,26 @@ impl Stream {
     }
 
     /// Pads and compresses the last bytes (fewer than 64, read from the file); the digest.
+    /// Bytes are released to the end.
     fn finish(mut self) -> Result<String, FileError> {
         use std::io::{Seek, SeekFrom};
         let n = (self.len - self.done) as usize;
         let mut last = [0u8; 128];
-        let read = self
-            .file
-            .seek(SeekFrom::Start(self.done))
-            .and_then(|_| self.file.read_exact(&mut last[..n]));
-        read.map_err(|error| FileError::Io {
-            path: self.path.clone(),
-            error,
-        })?;
+        if let Some((bytes, release)) = self.bytes {
+            last[..n].copy_from_slice(&bytes[self.done as usize..]);
+            release(self.released as usize, (self.len - self.released) as usize);
+        } else {
+            let read = match &mut self.file {
+                Some(file) => file
+                    .seek(SeekFrom::Start(self.done))
+                    .and_then(|_| file.read_exact(&mut last[..n])),
+                None => Err(std::io::Error::other("neither a file nor bytes")),
+            };
+            read.map_err(|error| FileError::Io {
+                path: self.path.clone(),
+                error,
+            })?;
+        }
         last[n] = 0x80;
         let end = if n < 56 { 64 } else { 128 };
         last[end - 8..end].copy_from_slice(&self.len.wrapping_mul(8).to_be_bytes());
@@ -195,19 +236,19 @@ fn compress_one(state: &mut [u32; 8], blocks: &[u8]) {
 /// Files are started in order; digests are the same whoever computes them. Once `cancel` is
 /// set, the files not finished get `Ok(None)`, within one window's time.
 pub struct FilesHasher<'a> {
-    paths: &'a [&'a Path],
+    messages: &'a [Message<'a>],
     cancel: &'a AtomicBool,
     min_len: u64,
     window: u64,
-    shared: std::sync::Mutex<Shared>,
+    shared: std::sync::Mutex<Shared<'a>>,
 }
 
 /// What the workers of a [`FilesHasher`] share.
-struct Shared {
+struct Shared<'a> {
     /// The next file not started.
     next: usize,
     /// Files started and not being worked on.
-    idle: Vec<Stream>,
+    idle: Vec<Stream<'a>>,
     /// Files being worked on.
     busy: usize,
     /// Helpers waiting for a file to come back from the lanes.
@@ -216,22 +257,27 @@ struct Shared {
 }
 
 /// What a worker takes from the shared state.
-enum Work {
+enum Work<'a> {
     /// A small file (or one that cannot be mapped), to hash on its own.
     Whole(usize),
-    Stream(Stream),
+    Stream(Stream<'a>),
 }
 
 impl<'a> FilesHasher<'a> {
-    pub fn new(paths: &'a [&'a Path], cancel: &'a AtomicBool) -> Self {
-        Self::with(paths, cancel, MULTI_MIN_LEN, MULTI_WINDOW)
+    pub fn new(messages: &'a [Message<'a>], cancel: &'a AtomicBool) -> Self {
+        Self::with(messages, cancel, MULTI_MIN_LEN, MULTI_WINDOW)
     }
 
     /// With its two sizes as parameters (tests use small ones); `window` must be a multiple of
     /// 64 and of the page size.
-    fn with(paths: &'a [&'a Path], cancel: &'a AtomicBool, min_len: u64, window: u64) -> Self {
+    fn with(
+        messages: &'a [Message<'a>],
+        cancel: &'a AtomicBool,
+        min_len: u64,
+        window: u64,
+    ) -> Self {
         FilesHasher {
-            paths,
+            messages,
             cancel,
             min_len,
             window,
@@ -240,43 +286,57 @@ impl<'a> FilesHasher<'a> {
                 idle: Vec::new(),
                 busy: 0,
                 waiting: 0,
-                results: paths.iter().map(|_| None).collect(),
+                results: messages.iter().map(|_| None).collect(),
             }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared<'a>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Opens file `i`: a stream for the lanes, or, for a small file, the file to hash whole.
-    fn open(&self, i: usize) -> Result<Work, FileError> {
-        let path = self.paths[i];
-        let file = fsio::open_regular(path)?;
-        let len = file
-            .metadata()
-            .map_err(|error| FileError::Io {
-                path: path.to_path_buf(),
-                error,
-            })?
-            .len();
+    /// Opens message `i`: a stream for the lanes, or, for a small one, the message to hash
+    /// whole.
+    fn open(&self, i: usize) -> Result<Work<'a>, FileError> {
+        let (path, file, bytes, len) = match self.messages[i] {
+            Message::File(path) => {
+                let file = fsio::open_regular(path)?;
+                let len = file
+                    .metadata()
+                    .map_err(|error| FileError::Io {
+                        path: path.to_path_buf(),
+                        error,
+                    })?
+                    .len();
+                (path.to_path_buf(), Some(file), None, len)
+            }
+            Message::Bytes(b, release) => (
+                std::path::PathBuf::new(),
+                None,
+                Some((b, release)),
+                b.len() as u64,
+            ),
+        };
         if len < self.min_len {
             return Ok(Work::Whole(i));
         }
         Ok(Work::Stream(Stream {
             index: i,
-            path: path.to_path_buf(),
+            path,
             file,
+            bytes,
             len,
             done: 0,
+            released: 0,
             state: sha256x8::IV,
             window: None,
+            step: self.window,
         }))
     }
 
     /// Takes the next file not started, if any; reports it at once if it cannot be opened.
-    fn start_next(&self, shared: &mut Shared) -> Option<Work> {
-        while shared.next < self.paths.len() {
+    fn start_next(&self, shared: &mut Shared<'a>) -> Option<Work<'a>> {
+        while shared.next < self.messages.len() {
             let i = shared.next;
             shared.next += 1;
             match self.open(i) {
@@ -287,14 +347,21 @@ impl<'a> FilesHasher<'a> {
         None
     }
 
-    /// Hashes a whole file on its own and records its digest.
+    /// Hashes a whole message on its own and records its digest.
     fn whole(&self, i: usize) {
-        let d = sha256_file_unless(self.paths[i], self.cancel);
+        let d = match self.messages[i] {
+            Message::File(path) => sha256_file_unless(path, self.cancel),
+            Message::Bytes(b, release) => {
+                let d = hex(&Sha256::digest(b));
+                release(0, b.len());
+                Ok(Some(d))
+            }
+        };
         self.lock().results[i] = Some(d);
     }
 
     /// Records a stream that is finished, or puts it back for the next step.
-    fn put_back(&self, shared: &mut Shared, s: Stream) {
+    fn put_back(&self, shared: &mut Shared<'a>, s: Stream<'a>) {
         if s.len - s.done < 64 {
             let i = s.index;
             shared.results[i] = Some(s.finish().map(Some));
@@ -304,8 +371,8 @@ impl<'a> FilesHasher<'a> {
     }
 
     /// Maps the window of `s`'s next block; if that fails, hashes the file by reading it.
-    fn ready(&self, s: &mut Stream) -> bool {
-        if s.ensure_window(self.window).is_ok() {
+    fn ready(&self, s: &mut Stream<'a>) -> bool {
+        if s.ensure_window().is_ok() {
             return true;
         }
         let d = sha256_file_unless(&s.path, self.cancel);
@@ -320,7 +387,7 @@ impl<'a> FilesHasher<'a> {
             self.help();
             return;
         }
-        let mut lanes: Vec<Stream> = Vec::with_capacity(8);
+        let mut lanes: Vec<Stream<'a>> = Vec::with_capacity(8);
         let mut whole = Vec::new();
         loop {
             {
@@ -475,18 +542,18 @@ impl<'a> FilesHasher<'a> {
     }
 
     /// After `cancel`: every file not finished, `held` and the rest, gets `Ok(None)`.
-    fn cancel_all(&self, held: Vec<Stream>) {
+    fn cancel_all(&self, held: Vec<Stream<'a>>) {
         let mut shared = self.lock();
         for s in held.into_iter().chain(std::mem::take(&mut shared.idle)) {
             shared.results[s.index].get_or_insert(Ok(None));
         }
-        shared.next = self.paths.len();
+        shared.next = self.messages.len();
         for r in shared.results.iter_mut() {
             r.get_or_insert(Ok(None));
         }
     }
 
-    /// The digests, in the order of the paths. Call it once every worker has returned.
+    /// The digests, in the order of the messages. Call it once every worker has returned.
     pub fn into_results(self) -> Vec<Result<Option<String>, FileError>> {
         let shared = self.shared.into_inner().unwrap_or_else(|e| e.into_inner());
         shared
@@ -555,10 +622,28 @@ mod tests {
         }
         paths.insert(3, dir.path().join("missing"));
         expected.insert(3, None);
-        let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        // Bytes in memory too, each recording the ranges released behind the hash.
+        let blobs: Vec<Vec<u8>> = [50, 3 * window + 7, 2 * window, window + 64]
+            .iter()
+            .map(|&n| (0..n).map(|_| rng.next_u64() as u8).collect())
+            .collect();
+        let released: Vec<std::sync::Mutex<Vec<(usize, usize)>>> =
+            blobs.iter().map(|_| Default::default()).collect();
+        let recorders: Vec<Box<dyn Fn(usize, usize) + Sync>> = released
+            .iter()
+            .map(|r| Box::new(move |o, n| r.lock().unwrap().push((o, n))) as Box<_>)
+            .collect();
+        let mut refs: Vec<Message<'_>> = paths.iter().map(|p| Message::File(p.as_path())).collect();
+        for (b, r) in blobs.iter().zip(&recorders) {
+            refs.push(Message::Bytes(b, r.as_ref()));
+            expected.push(Some(hex(&sha2::Sha256::digest(b))));
+        }
         let never = AtomicBool::new(false);
         // Lanes alone, a helper alone, and lanes and helpers together.
         for (lanes, helpers) in [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)] {
+            for r in &released {
+                r.lock().unwrap().clear();
+            }
             let hasher = FilesHasher::with(&refs, &never, 100, window);
             std::thread::scope(|s| {
                 for _ in 0..lanes {
@@ -576,6 +661,15 @@ mod tests {
                     }
                     None => assert!(d.is_err(), "file {i} is missing"),
                 }
+            }
+            // Every byte released once, in order.
+            for (b, r) in blobs.iter().zip(&released) {
+                let mut at = 0;
+                for &(o, n) in r.lock().unwrap().iter() {
+                    assert_eq!(o, at);
+                    at += n;
+                }
+                assert_eq!(at, b.len());
             }
         }
 
@@ -615,7 +709,7 @@ mod tests {
             expected.push(hex(&sha2::Sha256::digest(&bytes)));
             paths.push(path);
         }
-        let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+        let refs: Vec<Message<'_>> = paths.iter().map(|p| Message::File(p.as_path())).collect();
         let never = AtomicBool::new(false);
         let hasher = FilesHasher::with(&refs, &never, 100, window);
         // One lanes step by hand: every file's first window through the kernel.
@@ -627,7 +721,7 @@ mod tests {
             .collect();
         static IDLE: [u8; 64] = [0; 64];
         for s in streams.iter_mut() {
-            s.ensure_window(window).unwrap();
+            s.ensure_window().unwrap();
         }
         let mut states = [sha256x8::IV; 8];
         let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match streams.get(l) {

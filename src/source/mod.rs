@@ -362,6 +362,25 @@ impl Checkpoint {
         };
     }
 
+    /// [`Checkpoint::release`] for `len` bytes of the tensor from `offset` (within it) on: the
+    /// pages wholly inside the range.
+    pub fn release_range(&self, t: &SourceTensor, offset: usize, len: usize) {
+        const PAGE: usize = 4096;
+        let mmap = &self.shards[t.shard].mmap;
+        let from = t.start.saturating_add(offset).min(t.end);
+        let to = from.saturating_add(len).min(t.end);
+        // Whole pages of the mapping only, so that no neighbouring tensor is touched.
+        let (from, to) = (from.div_ceil(PAGE) * PAGE, to / PAGE * PAGE);
+        if from >= to {
+            return;
+        }
+        // SAFETY: as in `release`: a read-only shared file mapping, whose pages read back the
+        // same contents when touched again.
+        let _ = unsafe {
+            mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, to - from)
+        };
+    }
+
     /// The trits of an already-ternary projection (`[out, in]`, row-major), checked.
     pub fn trits(&self, t: &SourceTensor) -> Result<Vec<i8>, SourceError> {
         let Some(ts) = &t.ternary else {
