@@ -115,20 +115,43 @@ pub fn first_non_finite(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)>
 }
 
 /// The flat index and value of the first NaN or infinity, scanning on the current thread a
-/// few thousand elements at a time (decoded into a buffer that stays in the L1 cache).
+/// few thousand elements at a time. A value is NaN or infinite exactly when its exponent bits
+/// are all ones, so the scan tests the stored bits (a branch-free loop that vectorizes) and
+/// decodes only the value it reports.
 pub fn first_non_finite_serial(dtype: FloatDtype, bytes: &[u8]) -> Option<(usize, f32)> {
     const BLOCK: usize = 4096;
-    let mut buf = [0f32; BLOCK];
-    for (b, src) in bytes.chunks(BLOCK * dtype.size()).enumerate() {
-        let vals = &mut buf[..src.len() / dtype.size()];
-        decode_f32(dtype, src, vals);
-        // A branch-free scan first (it vectorizes); the position only when something was found.
-        if vals.iter().fold(false, |bad, v| bad | !v.is_finite()) {
-            let i = vals.iter().position(|v| !v.is_finite())?;
-            return Some((b * BLOCK + i, vals[i]));
+    fn scan<const N: usize>(
+        bytes: &[u8],
+        exp: u32,
+        decode: impl Fn(&[u8]) -> f32,
+    ) -> Option<(usize, f32)> {
+        let word = |c: &[u8]| {
+            let mut w = [0u8; 4];
+            w[..N].copy_from_slice(c);
+            u32::from_le_bytes(w)
+        };
+        for (b, src) in bytes.chunks(BLOCK * N).enumerate() {
+            let bad = src
+                .chunks_exact(N)
+                .fold(false, |bad, c| bad | (word(c) & exp == exp));
+            if bad {
+                let i = src.chunks_exact(N).position(|c| word(c) & exp == exp)?;
+                return Some((b * BLOCK + i, decode(&src[i * N..(i + 1) * N])));
+            }
         }
+        None
     }
-    None
+    match dtype {
+        FloatDtype::F32 => scan::<4>(bytes, 0x7f80_0000, |c| {
+            f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+        }),
+        FloatDtype::Bf16 => scan::<2>(bytes, 0x7f80, |c| {
+            f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)
+        }),
+        FloatDtype::F16 => scan::<2>(bytes, 0x7c00, |c| {
+            half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +183,34 @@ mod tests {
                 let serial = first_non_finite_serial(dtype, &bytes).map(|(i, _)| i);
                 assert_eq!(got, want, "{dtype:?} {bad:?}");
                 assert_eq!(serial, want, "{dtype:?} {bad:?}");
+            }
+        }
+    }
+
+    /// The bit test flags exactly the values that decode to NaN or an infinity: every 16-bit
+    /// pattern, and f32 patterns around the exponent's edges, with the value reported.
+    #[test]
+    fn the_bit_test_flags_exactly_the_non_finite_values() {
+        for dtype in [FloatDtype::F16, FloatDtype::Bf16] {
+            for bits in 0..=u16::MAX {
+                let b = bits.to_le_bytes();
+                let mut v = [0f32];
+                decode_f32(dtype, &b, &mut v);
+                let got = first_non_finite_serial(dtype, &b);
+                assert_eq!(got.is_some(), !v[0].is_finite(), "{dtype:?} {bits:#06x}");
+                if let Some((i, x)) = got {
+                    assert_eq!((i, x.to_bits()), (0, v[0].to_bits()));
+                }
+            }
+        }
+        for exp in [0u32, 1, 0xfe, 0xff] {
+            for mantissa in [0u32, 1, 0x40_0000, 0x7f_ffff] {
+                for sign in [0u32, 1] {
+                    let bits = sign << 31 | exp << 23 | mantissa;
+                    let v = f32::from_bits(bits);
+                    let got = first_non_finite_serial(FloatDtype::F32, &bits.to_le_bytes());
+                    assert_eq!(got.is_some(), !v.is_finite(), "{bits:#010x}");
+                }
             }
         }
     }
