@@ -395,12 +395,14 @@ fn hash_and_write(
             let hasher = &hasher;
             s.spawn(move |_| {
                 let t = Instant::now();
-                if lanes {
-                    hasher.run_lanes();
+                let worked = if lanes {
+                    hasher.run_lanes()
                 } else {
-                    hasher.help();
+                    hasher.help()
+                };
+                if worked {
+                    timings.shard_hashed(t);
                 }
-                timings.shard_hashed(t);
             });
         }
         let written = write_tensors(
@@ -409,22 +411,31 @@ fn hash_and_write(
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
         } else {
-            // The tensors are done: take files over from the lanes rather than wait for them.
+            // The tensors are done. With one worker, the spawned lanes task would only run when
+            // the scope ends, so run the lanes here; then take files over from the lanes rather
+            // than wait for them.
             let t = Instant::now();
-            if hasher.help() {
+            let lanes_ran = lanes && hasher.run_lanes();
+            if hasher.help() || lanes_ran {
                 timings.shard_hashed(t);
             }
         }
         written
     });
+    let cancelled = cancel.load(Ordering::Relaxed);
     let mut results = hasher.into_results();
     let tensor_digests = results.split_off(shards);
     let hashes = results
         .into_iter()
-        .map(|d| match d {
+        .zip(&ckpt.shards)
+        .map(|(d, shard)| match d {
             Ok(Some(h)) => Ok(h),
             // Cancelled: only after the conversion failed, whose error is the one reported.
-            Ok(None) => Ok(String::new()),
+            Ok(None) if cancelled => Ok(String::new()),
+            Ok(None) => Err(SourceError::from(FileError::Io {
+                path: shard.path.clone(),
+                error: io::Error::other("was not hashed (an internal error; please report it)"),
+            })),
             Err(e) => Err(SourceError::from(e)),
         })
         .collect();
@@ -1010,7 +1021,11 @@ pub fn ternarize_timed(
                     match row_abs_sum(dtype, row, buf) {
                         Ok(s) => *d = s,
                         Err(i) => {
-                            bad = Some(((c * ROWS_PER_TASK + j) * k + i, buf[i]));
+                            // Decoded from the row: the one-pass kernels leave `buf` alone.
+                            let size = dtype.size();
+                            let mut v = [0f32];
+                            decode_f32(dtype, &row[i * size..(i + 1) * size], &mut v);
+                            bad = Some(((c * ROWS_PER_TASK + j) * k + i, v[0]));
                             break;
                         }
                     }
@@ -1135,14 +1150,19 @@ mod tests {
 
     #[test]
     fn ternarize_reports_the_first_non_finite_value() {
-        let mut vals = vec![0.5f32; 12];
-        vals[7] = f32::NAN;
-        vals[9] = f32::INFINITY;
-        let mut bytes = Vec::new();
-        encode_f32(FloatDtype::F32, &vals, &mut bytes);
-        let err = ternarize(FloatDtype::F32, &bytes, 3, 4, TernaryLayout::I2).unwrap_err();
-        assert_eq!(err.0, 7);
-        assert!(err.1.is_nan());
+        for dtype in [FloatDtype::F32, FloatDtype::Bf16, FloatDtype::F16] {
+            for (k, bad_at, bad) in [(4, 7, f32::NAN), (160, 300, f32::NEG_INFINITY)] {
+                let mut vals = vec![0.5f32; 3 * k];
+                vals[bad_at] = bad;
+                vals[3 * k - 1] = f32::INFINITY;
+                let mut bytes = Vec::new();
+                encode_f32(dtype, &vals, &mut bytes);
+                let err = ternarize(dtype, &bytes, 3, k, TernaryLayout::I2).unwrap_err();
+                assert_eq!(err.0, bad_at, "{dtype:?}");
+                // The value itself (it used to read 0 for bf16 rows).
+                assert!(err.1.is_nan() == bad.is_nan() && (bad.is_nan() || err.1 == bad));
+            }
+        }
     }
 
     /// Rows span several pieces of parallel work: the first bad value in row order is the one

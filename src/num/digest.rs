@@ -222,6 +222,41 @@ fn compress_one(state: &mut [u32; 8], blocks: &[u8]) {
     }
 }
 
+/// One step of the lanes: every stream's mapped blocks, as far as the shortest window goes,
+/// through the eight-lane kernel (or the `sha2` crate's for a single stream). The streams must
+/// have their windows mapped and be at most eight.
+fn step_lanes(lanes: &mut [Stream<'_>]) {
+    let blocks = lanes
+        .iter()
+        .map(|s| s.ahead().len() / 64)
+        .min()
+        .unwrap_or(0);
+    if let [one] = lanes {
+        one.compress(blocks);
+        return;
+    }
+    static IDLE: [u8; 64] = [0; 64];
+    let mut states = [sha256x8::IV; 8];
+    for (st, s) in states.iter_mut().zip(lanes.iter()) {
+        *st = s.state;
+    }
+    let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match lanes.get(l) {
+        Some(s) => sha256x8::Lane {
+            data: s.ahead(),
+            step: 64,
+        },
+        None => sha256x8::Lane {
+            data: &IDLE,
+            step: 0,
+        },
+    });
+    sha256x8::compress8(&mut states, &views, blocks);
+    for (s, st) in lanes.iter_mut().zip(states) {
+        s.state = st;
+        s.done += blocks as u64 * 64;
+    }
+}
+
 /// SHA-256 of several files, shared by workers of two kinds.
 ///
 /// - [`FilesHasher::run_lanes`] hashes up to eight large files at once, one per lane of the
@@ -249,8 +284,9 @@ struct Shared<'a> {
     next: usize,
     /// Files started and not being worked on.
     idle: Vec<Stream<'a>>,
-    /// Files being worked on.
-    busy: usize,
+    /// Files held by the lanes ([`FilesHasher::run_lanes`]): the only ones that come back to
+    /// `idle` unfinished, so the only ones a helper waits for.
+    in_lanes: usize,
     /// Helpers waiting for a file to come back from the lanes.
     waiting: usize,
     results: Vec<Option<Result<Option<String>, FileError>>>,
@@ -284,7 +320,7 @@ impl<'a> FilesHasher<'a> {
             shared: std::sync::Mutex::new(Shared {
                 next: 0,
                 idle: Vec::new(),
-                busy: 0,
+                in_lanes: 0,
                 waiting: 0,
                 results: messages.iter().map(|_| None).collect(),
             }),
@@ -381,19 +417,19 @@ impl<'a> FilesHasher<'a> {
     }
 
     /// Hashes files in the lanes of the multi-buffer kernel until none is left to take. Where
-    /// the kernel does not run, the same as [`FilesHasher::help`].
-    pub fn run_lanes(&self) {
+    /// the kernel does not run, the same as [`FilesHasher::help`]. Whether it hashed anything.
+    pub fn run_lanes(&self) -> bool {
         if !sha256x8::available() {
-            self.help();
-            return;
+            return self.help();
         }
+        let mut worked = false;
         let mut lanes: Vec<Stream<'a>> = Vec::with_capacity(8);
         let mut whole = Vec::new();
         loop {
             {
                 let mut shared = self.lock();
                 for s in lanes.drain(..) {
-                    shared.busy -= 1;
+                    shared.in_lanes -= 1;
                     self.put_back(&mut shared, s);
                 }
                 // Leave the file with the most bytes left to a waiting helper.
@@ -410,7 +446,8 @@ impl<'a> FilesHasher<'a> {
                         None => break,
                     }
                 }
-                shared.busy += lanes.len();
+                shared.in_lanes += lanes.len();
+                worked |= !lanes.is_empty() || !whole.is_empty();
             }
             for i in whole.drain(..) {
                 self.whole(i);
@@ -418,8 +455,8 @@ impl<'a> FilesHasher<'a> {
             if self.cancel.load(Ordering::Relaxed) {
                 let n = lanes.len();
                 self.cancel_all(std::mem::take(&mut lanes));
-                self.lock().busy -= n;
-                return;
+                self.lock().in_lanes -= n;
+                return worked;
             }
             let mut k = 0;
             while k < lanes.len() {
@@ -427,42 +464,14 @@ impl<'a> FilesHasher<'a> {
                     k += 1;
                 } else {
                     lanes.swap_remove(k);
-                    self.lock().busy -= 1;
+                    self.lock().in_lanes -= 1;
                 }
             }
             if lanes.is_empty() {
                 // Nothing left, or only what a helper is doing or about to take.
-                return;
+                return worked;
             }
-            let blocks = lanes
-                .iter()
-                .map(|s| s.ahead().len() / 64)
-                .min()
-                .unwrap_or(0);
-            if lanes.len() == 1 {
-                lanes[0].compress(blocks);
-            } else {
-                static IDLE: [u8; 64] = [0; 64];
-                let mut states = [sha256x8::IV; 8];
-                for (st, s) in states.iter_mut().zip(&lanes) {
-                    *st = s.state;
-                }
-                let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match lanes.get(l) {
-                    Some(s) => sha256x8::Lane {
-                        data: s.ahead(),
-                        step: 64,
-                    },
-                    None => sha256x8::Lane {
-                        data: &IDLE,
-                        step: 0,
-                    },
-                });
-                sha256x8::compress8(&mut states, &views, blocks);
-                for (s, st) in lanes.iter_mut().zip(states) {
-                    s.state = st;
-                    s.done += blocks as u64 * 64;
-                }
-            }
+            step_lanes(&mut lanes);
         }
     }
 
@@ -490,14 +499,13 @@ impl<'a> FilesHasher<'a> {
                 };
                 match work {
                     Some(w) => {
-                        shared.busy += 1;
                         if waiting {
                             shared.waiting -= 1;
                             waiting = false;
                         }
                         w
                     }
-                    None if shared.busy == 0 => {
+                    None if shared.in_lanes == 0 => {
                         if waiting {
                             shared.waiting -= 1;
                         }
@@ -537,7 +545,6 @@ impl<'a> FilesHasher<'a> {
                     }
                 }
             }
-            self.lock().busy -= 1;
         }
     }
 
@@ -672,19 +679,6 @@ mod tests {
                 assert_eq!(at, b.len());
             }
         }
-
-        let cancelled = AtomicBool::new(true);
-        for run in [FilesHasher::run_lanes, |h: &FilesHasher<'_>| {
-            h.help();
-        }] {
-            let hasher = FilesHasher::with(&refs, &cancelled, 100, window);
-            run(&hasher);
-            for (i, d) in hasher.into_results().into_iter().enumerate() {
-                if let Ok(d) = d {
-                    assert_eq!(d, None, "file {i}");
-                }
-            }
-        }
     }
 
     /// A file part-hashed in the lanes and taken over by a helper ends with the right digest:
@@ -719,26 +713,11 @@ mod tests {
                 Work::Whole(_) => unreachable!("every file is above min_len"),
             })
             .collect();
-        static IDLE: [u8; 64] = [0; 64];
         for s in streams.iter_mut() {
             s.ensure_window().unwrap();
         }
-        let mut states = [sha256x8::IV; 8];
-        let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match streams.get(l) {
-            Some(s) => sha256x8::Lane {
-                data: s.ahead(),
-                step: 64,
-            },
-            None => sha256x8::Lane {
-                data: &IDLE,
-                step: 0,
-            },
-        });
-        sha256x8::compress8(&mut states, &views, (window / 64) as usize);
-        for (s, st) in streams.iter_mut().zip(states) {
-            s.state = st;
-            s.done = window;
-        }
+        step_lanes(&mut streams);
+        assert!(streams.iter().all(|s| s.done == window));
         {
             let mut shared = hasher.lock();
             shared.next = lens.len();
@@ -751,5 +730,53 @@ mod tests {
             .map(|d| d.unwrap().unwrap())
             .collect();
         assert_eq!(got, expected);
+    }
+
+    /// A cancel in the middle of the work: every worker returns, and every file has either
+    /// its right digest or none.
+    #[test]
+    fn a_cancel_midway_stops_every_worker() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let window = 4096u64;
+        let mut rng = crate::num::SplitMix64(9);
+        let mut paths = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..10 {
+            let len = (2 + i % 5) * window + 17;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let path = dir.path().join(format!("f{i}"));
+            std::fs::write(&path, &bytes).unwrap();
+            expected.push(hex(&sha2::Sha256::digest(&bytes)));
+            paths.push(path);
+        }
+        let blob: Vec<u8> = (0..3 * window).map(|_| rng.next_u64() as u8).collect();
+        for (lanes, helpers) in [(1, 0), (0, 1), (1, 1)] {
+            let cancel = AtomicBool::new(false);
+            // The blob's first window hashed: cancel.
+            let trip = |_: usize, _: usize| cancel.store(true, Ordering::Relaxed);
+            let mut refs = vec![Message::Bytes(&blob, &trip)];
+            refs.extend(paths.iter().map(|p| Message::File(p.as_path())));
+            let hasher = FilesHasher::with(&refs, &cancel, 100, window);
+            std::thread::scope(|s| {
+                for _ in 0..lanes {
+                    s.spawn(|| hasher.run_lanes());
+                }
+                for _ in 0..helpers {
+                    s.spawn(|| hasher.help());
+                }
+            });
+            let got = hasher.into_results();
+            let unfinished = got.iter().filter(|d| matches!(d, Ok(None))).count();
+            assert!(
+                unfinished > 0,
+                "the cancel stopped something ({lanes}, {helpers})"
+            );
+            for (i, d) in got.into_iter().enumerate().skip(1) {
+                if let Some(d) = d.unwrap() {
+                    assert_eq!(d, expected[i - 1], "file {i}");
+                }
+            }
+        }
     }
 }

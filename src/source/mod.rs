@@ -369,7 +369,9 @@ impl Checkpoint {
         let mmap = &self.shards[t.shard].mmap;
         let from = t.start.saturating_add(offset).min(t.end);
         let to = from.saturating_add(len).min(t.end);
-        // Whole pages of the mapping only, so that no neighbouring tensor is touched.
+        // Whole 4 KiB pages only, so that no neighbouring tensor loses its pages where pages are
+        // 4 KiB. (With larger pages memmap2 rounds the start down; that is harmless too: a
+        // dropped page is read back from the page cache when touched.)
         let (from, to) = (from.div_ceil(PAGE) * PAGE, to / PAGE * PAGE);
         if from >= to {
             return;
