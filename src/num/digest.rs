@@ -580,6 +580,37 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// Files `f0, f1, ...` of random bytes of the given lengths in `dir`, and their digests
+    /// by the `sha2` crate.
+    fn random_files(
+        dir: &Path,
+        lens: &[u64],
+        rng: &mut crate::num::SplitMix64,
+    ) -> (Vec<std::path::PathBuf>, Vec<String>) {
+        let mut paths = Vec::new();
+        let mut expected = Vec::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let path = dir.join(format!("f{i}"));
+            std::fs::write(&path, &bytes).unwrap();
+            expected.push(hex(&Sha256::digest(&bytes)));
+            paths.push(path);
+        }
+        (paths, expected)
+    }
+
+    /// Runs `lanes` lane workers and `helpers` helpers on `hasher` at once, to the end.
+    fn run_workers(hasher: &FilesHasher<'_>, lanes: usize, helpers: usize) {
+        std::thread::scope(|s| {
+            for _ in 0..lanes {
+                s.spawn(|| hasher.run_lanes());
+            }
+            for _ in 0..helpers {
+                s.spawn(|| hasher.help());
+            }
+        });
+    }
+
     /// Files above one mapping window are hashed window by window; small ones are read. Both
     /// must give the digest of the whole content (expected digests computed with Python hashlib).
     #[test]
@@ -618,15 +649,8 @@ mod tests {
         }
         lens.push(5 * window - 1);
         let mut rng = crate::num::SplitMix64(11);
-        let mut paths = Vec::new();
-        let mut expected = Vec::new();
-        for (i, &len) in lens.iter().enumerate() {
-            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-            let path = dir.path().join(format!("f{i}"));
-            std::fs::write(&path, &bytes).unwrap();
-            expected.push(Some(hex(&sha2::Sha256::digest(&bytes))));
-            paths.push(path);
-        }
+        let (mut paths, expected) = random_files(dir.path(), &lens, &mut rng);
+        let mut expected: Vec<Option<String>> = expected.into_iter().map(Some).collect();
         paths.insert(3, dir.path().join("missing"));
         expected.insert(3, None);
         // Bytes in memory too, each recording the ranges released behind the hash.
@@ -652,14 +676,7 @@ mod tests {
                 r.lock().unwrap().clear();
             }
             let hasher = FilesHasher::with(&refs, &never, 100, window);
-            std::thread::scope(|s| {
-                for _ in 0..lanes {
-                    s.spawn(|| hasher.run_lanes());
-                }
-                for _ in 0..helpers {
-                    s.spawn(|| hasher.help());
-                }
-            });
+            run_workers(&hasher, lanes, helpers);
             let got = hasher.into_results();
             for (i, (d, want)) in got.into_iter().zip(&expected).enumerate() {
                 match want {
@@ -685,7 +702,6 @@ mod tests {
     /// the state moves from the eight-lane kernel to the `sha2` crate's between two windows.
     #[test]
     fn files_taken_over_from_the_lanes_hash_right() {
-        use sha2::Digest;
         if !sha256x8::available() {
             eprintln!("skipped: no AVX-512 F and VL on this CPU");
             return;
@@ -694,15 +710,7 @@ mod tests {
         let window = 4096u64;
         let mut rng = crate::num::SplitMix64(3);
         let lens = [3 * window + 5, 5 * window, 2 * window + 63];
-        let mut paths = Vec::new();
-        let mut expected = Vec::new();
-        for (i, &len) in lens.iter().enumerate() {
-            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-            let path = dir.path().join(format!("f{i}"));
-            std::fs::write(&path, &bytes).unwrap();
-            expected.push(hex(&sha2::Sha256::digest(&bytes)));
-            paths.push(path);
-        }
+        let (paths, expected) = random_files(dir.path(), &lens, &mut rng);
         let refs: Vec<Message<'_>> = paths.iter().map(|p| Message::File(p.as_path())).collect();
         let never = AtomicBool::new(false);
         let hasher = FilesHasher::with(&refs, &never, 100, window);
@@ -736,20 +744,11 @@ mod tests {
     /// its right digest or none.
     #[test]
     fn a_cancel_midway_stops_every_worker() {
-        use sha2::Digest;
         let dir = tempfile::tempdir().unwrap();
         let window = 4096u64;
         let mut rng = crate::num::SplitMix64(9);
-        let mut paths = Vec::new();
-        let mut expected = Vec::new();
-        for i in 0..10 {
-            let len = (2 + i % 5) * window + 17;
-            let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-            let path = dir.path().join(format!("f{i}"));
-            std::fs::write(&path, &bytes).unwrap();
-            expected.push(hex(&sha2::Sha256::digest(&bytes)));
-            paths.push(path);
-        }
+        let lens: Vec<u64> = (0..10).map(|i| (2 + i % 5) * window + 17).collect();
+        let (paths, expected) = random_files(dir.path(), &lens, &mut rng);
         let blob: Vec<u8> = (0..3 * window).map(|_| rng.next_u64() as u8).collect();
         for (lanes, helpers) in [(1, 0), (0, 1), (1, 1)] {
             let cancel = AtomicBool::new(false);
@@ -758,14 +757,7 @@ mod tests {
             let mut refs = vec![Message::Bytes(&blob, &trip)];
             refs.extend(paths.iter().map(|p| Message::File(p.as_path())));
             let hasher = FilesHasher::with(&refs, &cancel, 100, window);
-            std::thread::scope(|s| {
-                for _ in 0..lanes {
-                    s.spawn(|| hasher.run_lanes());
-                }
-                for _ in 0..helpers {
-                    s.spawn(|| hasher.help());
-                }
-            });
+            run_workers(&hasher, lanes, helpers);
             let got = hasher.into_results();
             let unfinished = got.iter().filter(|d| matches!(d, Ok(None))).count();
             assert!(
