@@ -9,6 +9,19 @@ use sha2::{Digest, Sha256};
 use super::sha256x8;
 use crate::fsio::{self, FileError};
 
+/// A regular file opened for reading, and its length.
+fn open_with_len(path: &Path) -> Result<(std::fs::File, u64), FileError> {
+    let file = fsio::open_regular(path)?;
+    let len = file
+        .metadata()
+        .map_err(|error| FileError::Io {
+            path: path.to_path_buf(),
+            error,
+        })?
+        .len();
+    Ok((file, len))
+}
+
 /// SHA-256 of a file, as lower-case hex.
 ///
 /// Large files are hashed through read-only memory maps of 64 MiB windows, one at a time: that
@@ -24,15 +37,8 @@ pub fn sha256_file(path: &Path) -> Result<String, FileError> {
 /// window or read, so a hash nobody needs any more stops within a window's time.
 pub fn sha256_file_unless(path: &Path, cancel: &AtomicBool) -> Result<Option<String>, FileError> {
     const WINDOW: u64 = 64 << 20;
-    let mut file = fsio::open_regular(path)?;
+    let (mut file, len) = open_with_len(path)?;
     let mut hasher = Sha256::new();
-    let len = file
-        .metadata()
-        .map_err(|error| FileError::Io {
-            path: path.to_path_buf(),
-            error,
-        })?
-        .len();
     if len >= WINDOW {
         let mut offset = 0;
         while offset < len {
@@ -336,14 +342,7 @@ impl<'a> FilesHasher<'a> {
     fn open(&self, i: usize) -> Result<Work<'a>, FileError> {
         let (path, file, bytes, len) = match self.messages[i] {
             Message::File(path) => {
-                let file = fsio::open_regular(path)?;
-                let len = file
-                    .metadata()
-                    .map_err(|error| FileError::Io {
-                        path: path.to_path_buf(),
-                        error,
-                    })?
-                    .len();
+                let (file, len) = open_with_len(path)?;
                 (path.to_path_buf(), Some(file), None, len)
             }
             Message::Bytes(b, release) => (
