@@ -1,6 +1,7 @@
 //! Micro-benchmark of the ternary dot kernels alone, one thread: GMAC/s (weights times
 //! activations per second) and packed GB/s, for each layout, each instruction-set build the
-//! CPU has (`run::kernels::Isa`), one token (`dot_with`, decoding) and a tile of four
+//! CPU has (`run::kernels::Isa`), one token (`dot_rows_with` over runs of `DECODE_ROWS` rows, as
+//! decoding runs it) and a tile of four
 //! (`dot_multi_rows_with` over every row, as prefill runs it), on the projection shapes of BitNet b1.58 2B4T, int8
 //! activations.
 //!
@@ -14,7 +15,9 @@ use std::time::Instant;
 
 use bitnet_pack::pack::TernaryLayout;
 use bitnet_pack::quant::{ACTIVATION_EPS, ActQuant};
-use bitnet_pack::run::kernels::{Isa, TILE, dot_multi_rows_with, dot_with, padded_len};
+use bitnet_pack::run::kernels::{
+    DECODE_ROWS, Isa, TILE, dot_multi_rows_with, dot_rows_with, padded_len,
+};
 
 struct Lcg(u64);
 impl Lcg {
@@ -65,8 +68,12 @@ fn sweep(c: &Case<'_>, (reps, inner): (usize, usize)) -> (f64, i64) {
             let mut acc = 0i64;
             let q = std::hint::black_box(c.q);
             if c.tokens == 1 {
-                for row in c.data.chunks_exact(row_bytes) {
-                    acc += i64::from(dot_with(c.isa, c.layout, row, q, sums[0], c.k));
+                // As decoding runs it: one call per run of DECODE_ROWS rows.
+                let mut dots = [0i32; DECODE_ROWS];
+                for run in c.data.chunks(DECODE_ROWS * row_bytes) {
+                    let dots = &mut dots[..run.len() / row_bytes];
+                    dot_rows_with(c.isa, c.layout, run, row_bytes, q, sums[0], c.k, dots);
+                    acc += dots.iter().map(|&v| i64::from(v)).sum::<i64>();
                 }
             } else {
                 // As prefill runs it: one call per run of rows.

@@ -304,10 +304,14 @@ pub fn dot_multi_rows_with(
     }
 }
 
+/// Rows of one decoded token per kernel call: a few KB to a few tens of KB of packed weights,
+/// and still 20 runs for the workers to share in 2B4T's smallest projections (640 rows).
+pub const DECODE_ROWS: usize = 32;
+
 /// [`dot`] of one token over consecutive packed rows (`row_bytes` apart in `data`, one per
 /// element of `out`): `out[i]` is row `i`'s dot product. The build is chosen and the lengths
-/// checked once for the run of rows, and the AVX2 `i2` kernel loops over them without a call
-/// per row.
+/// checked once for the run of rows; the AVX2 `i2` kernel and the AVX-512 `t5` kernel (two
+/// rows at a time) loop over them without a call per row.
 pub fn dot_rows(
     layout: TernaryLayout,
     data: &[u8],
@@ -335,6 +339,16 @@ pub fn dot_rows_with(
     assert!(q.len() >= padded_len(layout, k));
     let needed = out.len().checked_mul(row_bytes);
     assert!(row_bytes >= layout.row_bytes(k) && needed.is_some_and(|n| data.len() >= n));
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && layout == TernaryLayout::T5 {
+        assert!(
+            crate::num::cpu::has_avx512_vnni(),
+            "the CPU has no AVX-512 VNNI"
+        );
+        // SAFETY: the CPU supports the extensions (asserted just above); lengths checked above.
+        unsafe { avx512::dot_t5_rows(data, row_bytes, q, q_sum, k, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512) && layout == TernaryLayout::I2 {
         assert!(crate::num::cpu::has_avx2(), "the CPU has no AVX2");
@@ -1003,9 +1017,7 @@ mod avx512 {
     pub unsafe fn dot_t5(row: &[u8], q: &[i8], q_sum: i32, k: usize) -> i32 {
         let full = k / t5::BLOCK;
         let (whole, tail) = row[..t5::row_bytes(k)].split_at(full * t5::BLOCK_BYTES);
-        let high_bytes = _mm256_set1_epi16(0xff00u16 as i16);
-        let pow3: [__m256i; t5::TRITS_PER_BYTE] =
-            std::array::from_fn(|j| _mm256_set1_epi16(3i16.pow(j as u32 + 1)));
+        let c = T5Consts::new();
         // One accumulator per sum and digit: no dependency chain longer than one per block.
         let mut prev_acc = [_mm256_setzero_si256(); t5::TRITS_PER_BYTE];
         let mut same_acc = [_mm256_setzero_si256(); t5::TRITS_PER_BYTE - 1];
@@ -1023,12 +1035,7 @@ mod avx512 {
             let odd = _mm256_srli_epi16::<8>(w);
             let mut prev = a(0);
             for j in 0..t5::TRITS_PER_BYTE {
-                // F_{j+1} of every byte, in place: (even result) | (odd result & 0xff00).
-                let f = _mm256_ternarylogic_epi32::<0xF8>(
-                    _mm256_mulhi_epu16(even, pow3[j]),
-                    _mm256_mullo_epi16(odd, pow3[j]),
-                    high_bytes,
-                );
+                let f = c.f(even, odd, j);
                 prev_acc[j] = _mm256_dpbusd_epi32(prev_acc[j], f, prev);
                 if j + 1 < t5::TRITS_PER_BYTE {
                     let same = a(j + 1);
@@ -1046,6 +1053,178 @@ mod avx512 {
         super::avx2::hsum(total) + super::t5_tail(tail, &q[full * t5::BLOCK..]) - q_sum
     }
 
+    /// The constants of the `t5` arithmetic ([`dot_t5`]): the 16-bit mask of high bytes and
+    /// `3^(j+1)` for each digit `j`.
+    struct T5Consts {
+        high_bytes: __m256i,
+        pow3: [__m256i; t5::TRITS_PER_BYTE],
+    }
+
+    impl T5Consts {
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn new() -> Self {
+            T5Consts {
+                high_bytes: _mm256_set1_epi16(0xff00u16 as i16),
+                pow3: std::array::from_fn(|j| _mm256_set1_epi16(3i16.pow(j as u32 + 1))),
+            }
+        }
+
+        /// `F_{j+1}` of every byte of `w` in place, from `even = w << 8` and `odd = w >> 8` (16-bit
+        /// shifts): the even bytes' from `vpmulhuw`, the odd ones' from `vpmullw`, joined by one
+        /// `vpternlogd` as `(even result) | (odd result & 0xff00)`.
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512vl")]
+        fn f(&self, even: __m256i, odd: __m256i, j: usize) -> __m256i {
+            _mm256_ternarylogic_epi32::<0xF8>(
+                _mm256_mulhi_epu16(even, self.pow3[j]),
+                _mm256_mullo_epi16(odd, self.pow3[j]),
+                self.high_bytes,
+            )
+        }
+    }
+
+    /// The partial sums of two `t5` rows against one token, by row and digit parity.
+    #[derive(Clone, Copy)]
+    struct T5PairAcc {
+        prev: [[__m256i; 2]; 2],
+        same: [[__m256i; 2]; 2],
+    }
+
+    impl Default for T5PairAcc {
+        fn default() -> Self {
+            // SAFETY: an all-zero `__m256i` is a valid value.
+            let zero = unsafe { std::mem::zeroed::<__m256i>() };
+            T5PairAcc {
+                prev: [[zero; 2]; 2],
+                same: [[zero; 2]; 2],
+            }
+        }
+    }
+
+    impl T5PairAcc {
+        /// Adds one block: `w` holds each row's 32 stored bytes, `qb` the block's 160
+        /// activations (digit `j` of byte `b` against `qb[b + 32 j]`).
+        ///
+        /// # Safety
+        /// The CPU must support AVX2, AVX-512 F/BW/VL/VNNI.
+        #[inline]
+        #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn block(&mut self, c: &T5Consts, w: [__m256i; 2], qb: &[i8]) {
+            let qb = &qb[..t5::BLOCK];
+            // SAFETY: digit `j < 5`: 32 bytes within the block's 160.
+            let a = |j: usize| unsafe {
+                _mm256_loadu_si256(qb.as_ptr().add(j * t5::BLOCK_BYTES).cast())
+            };
+            let even = w.map(|v| _mm256_slli_epi16::<8>(v));
+            let odd = w.map(|v| _mm256_srli_epi16::<8>(v));
+            let mut prev = a(0);
+            for j in 0..t5::TRITS_PER_BYTE {
+                let same = if j + 1 < t5::TRITS_PER_BYTE {
+                    a(j + 1)
+                } else {
+                    prev
+                };
+                for r in 0..2 {
+                    let f = c.f(even[r], odd[r], j);
+                    self.prev[r][j % 2] = _mm256_dpbusd_epi32(self.prev[r][j % 2], f, prev);
+                    if j + 1 < t5::TRITS_PER_BYTE {
+                        self.same[r][j % 2] = _mm256_dpbusd_epi32(self.same[r][j % 2], f, same);
+                    }
+                }
+                prev = same;
+            }
+        }
+
+        /// Each row's `sum_j digit_j a_j`: the `prev` sums less three times the `same` ones.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn sums(&self) -> [i32; 2] {
+            std::array::from_fn(|r| {
+                let p = _mm256_add_epi32(self.prev[r][0], self.prev[r][1]);
+                let s = _mm256_add_epi32(self.same[r][0], self.same[r][1]);
+                super::avx2::hsum(_mm256_sub_epi32(
+                    p,
+                    _mm256_add_epi32(s, _mm256_add_epi32(s, s)),
+                ))
+            })
+        }
+    }
+
+    /// `t5`, one token over consecutive rows `row_bytes` apart (decoding), into `out` (one sum
+    /// per row, with the `- q_sum` of the identity): [`dot_t5`]'s arithmetic, two rows at a time
+    /// so that each block of activations is loaded once for both, with the constants kept in
+    /// registers across the whole run and no call per row; an odd last row goes through
+    /// [`dot_t5`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, AVX-512 F/BW/VL/VNNI; `q` must hold the padded activations,
+    /// and `data` `out.len()` rows of `k` weights `row_bytes >= t5::row_bytes(k)` apart.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn dot_t5_rows(
+        data: &[u8],
+        row_bytes: usize,
+        q: &[i8],
+        q_sum: i32,
+        k: usize,
+        out: &mut [i32],
+    ) {
+        let (full, used) = (k / t5::BLOCK, t5::row_bytes(k));
+        debug_assert!(row_bytes >= used && q.len() >= super::padded_len(TernaryLayout::T5, k));
+        let row = |r: usize| &data[r * row_bytes..r * row_bytes + used];
+        // A short last block of `n` bytes holds digit `j` of its byte `b` against activation
+        // `b + n j`: laid out here as a whole block's (`b + 32 j`), zero elsewhere, it runs
+        // through the same arithmetic, its bytes loaded with the ones past `n` masked to zero.
+        let n = used - full * t5::BLOCK_BYTES;
+        let mut tail_q = [0i8; t5::BLOCK];
+        for j in 0..t5::TRITS_PER_BYTE {
+            for b in 0..n {
+                tail_q[b + t5::BLOCK_BYTES * j] = q[full * t5::BLOCK + b + n * j];
+            }
+        }
+        let c = T5Consts::new();
+        let last = out.len().saturating_sub(1);
+        let mut pairs = out.chunks_exact_mut(2);
+        for (p, o) in (&mut pairs).enumerate() {
+            let rows = [row(2 * p), row(2 * p + 1)];
+            // Four chains per row (sum and digit parity): eight in all, against `dot_t5`'s nine.
+            let mut acc = T5PairAcc::default();
+            for b in 0..full {
+                let (wa, wb) = (rows[0].as_ptr(), rows[1].as_ptr());
+                // SAFETY: block `b < full` lies within both rows (`used` bytes each); unaligned
+                // loads.
+                let w = unsafe {
+                    [
+                        _mm256_loadu_si256(wa.add(b * t5::BLOCK_BYTES).cast()),
+                        _mm256_loadu_si256(wb.add(b * t5::BLOCK_BYTES).cast()),
+                    ]
+                };
+                super::avx2::prefetch_ahead(&rows[0][b * t5::BLOCK_BYTES..]);
+                super::avx2::prefetch_ahead(&rows[1][b * t5::BLOCK_BYTES..]);
+                // SAFETY: block `b < full` of the padded activations.
+                unsafe { acc.block(&c, w, &q[b * t5::BLOCK..(b + 1) * t5::BLOCK]) };
+            }
+            if n > 0 {
+                let mask = (1u32 << n) - 1;
+                let at = full * t5::BLOCK_BYTES;
+                // SAFETY: the masked loads read only the `n` tail bytes of each row.
+                let w = unsafe {
+                    [
+                        _mm256_maskz_loadu_epi8(mask, rows[0][at..].as_ptr().cast()),
+                        _mm256_maskz_loadu_epi8(mask, rows[1][at..].as_ptr().cast()),
+                    ]
+                };
+                // SAFETY: `tail_q` is one whole block.
+                unsafe { acc.block(&c, w, &tail_q) };
+            }
+            o.copy_from_slice(&acc.sums().map(|s| s - q_sum));
+        }
+        if let [o] = pairs.into_remainder() {
+            // SAFETY: as for the pairs; the caller's contract covers the last row.
+            *o = unsafe { dot_t5(row(last), q, q_sum, k) };
+        }
+    }
+
     /// `t5`, `T` (2..=4) tokens `stride` apart (prefill). The codes of a block are made once
     /// for all tokens, from the same 16-bit products as [`dot_t5`]: code `j` of a byte is
     /// `F_{j+1} - 3 F_j` (0..=2; `3 F_j <= 240` for `j <= 4`, so wrapping byte arithmetic is
@@ -1061,9 +1240,7 @@ mod avx512 {
         let full = k / t5::BLOCK;
         debug_assert!(row.len() >= t5::row_bytes(k));
         debug_assert!(q.len() >= (T - 1) * stride + super::padded_len(TernaryLayout::T5, k));
-        let high_bytes = _mm256_set1_epi16(0xff00u16 as i16);
-        let pow3: [__m256i; t5::TRITS_PER_BYTE] =
-            std::array::from_fn(|j| _mm256_set1_epi16(3i16.pow(j as u32 + 1)));
+        let c = T5Consts::new();
         // Two accumulators per token (even and odd digits) halve the chains.
         let mut acc = [[_mm256_setzero_si256(); 2]; T];
         let (w_ptr, q_ptr) = (row.as_ptr(), q.as_ptr());
@@ -1074,12 +1251,8 @@ mod avx512 {
             let odd = _mm256_srli_epi16::<8>(w);
             let mut f_prev = _mm256_setzero_si256();
             for j in 0..t5::TRITS_PER_BYTE {
-                // F_{j+1} of every byte, in place, as in `dot_t5`; then the codes.
-                let f = _mm256_ternarylogic_epi32::<0xF8>(
-                    _mm256_mulhi_epu16(even, pow3[j]),
-                    _mm256_mullo_epi16(odd, pow3[j]),
-                    high_bytes,
-                );
+                // F_{j+1} of every byte, then the codes.
+                let f = c.f(even, odd, j);
                 let three = _mm256_add_epi8(f_prev, _mm256_add_epi8(f_prev, f_prev));
                 let codes = _mm256_sub_epi8(f, three);
                 f_prev = f;
@@ -1251,7 +1424,7 @@ mod tests {
     fn multi_row_kernels_equal_the_scalar_reference() {
         let mut rng = Lcg(99);
         for layout in TernaryLayout::ALL {
-            for k in [31usize, 160, 320, 481, 2560] {
+            for k in [31usize, 160, 320, 481, 2560, 6912] {
                 let (rows, padded) = (5, padded_len(layout, k));
                 // Rows further apart than they are long: the bytes between must be ignored.
                 let (used, rb) = (layout.row_bytes(k), layout.row_bytes(k) + 3);
@@ -1287,10 +1460,13 @@ mod tests {
                         dot_multi_rows_with(isa, layout, &data, rb, &q, stride, &sums, k, &mut got);
                         assert_eq!(got, want, "{layout:?} k={k} tokens={tokens} {isa:?}");
                         if tokens == 1 {
-                            // The single-token run of rows, as decoding calls it.
-                            let mut one = vec![0i32; rows];
-                            dot_rows_with(isa, layout, &data, rb, &q, sums[0], k, &mut one);
-                            assert_eq!(one, want, "{layout:?} k={k} {isa:?} dot_rows");
+                            // The single-token run of rows, as decoding calls it: every count
+                            // of rows, odd and even.
+                            for n in 0..=rows {
+                                let mut one = vec![0i32; n];
+                                dot_rows_with(isa, layout, &data, rb, &q, sums[0], k, &mut one);
+                                assert_eq!(one, want[..n], "{layout:?} k={k} {isa:?} {n} rows");
+                            }
                         }
                     }
                 }
@@ -1348,6 +1524,11 @@ mod tests {
                         let q4 = [&q[..], &q[..], &q[..], &q[..]].concat();
                         dot_multi_with(isa, layout, &row, &q4, n, &[q_sum; 4], k, &mut multi);
                         assert_eq!(multi, [want; 4], "{what} {isa:?} multi");
+                        // A run of three rows: a pair and a last row alone.
+                        let rows = [&row[..], &row[..], &row[..]].concat();
+                        let mut dots = [0i32; 3];
+                        dot_rows_with(isa, layout, &rows, row.len(), &q, q_sum, k, &mut dots);
+                        assert_eq!(dots, [want; 3], "{what} {isa:?} rows");
                     }
                 }
             }
@@ -1358,13 +1539,14 @@ mod tests {
     /// at every digit position (one row per value, all 32 bytes of each block equal).
     #[test]
     fn t5_kernels_decode_every_byte_value() {
-        let k = 2 * t5::BLOCK + 7;
+        // Two whole blocks and a short one of two whole bytes, every byte holding `v`.
+        let k = 2 * t5::BLOCK + 10;
         for v in 0..t5::VALUES as u8 {
             let row = {
                 let mut trits = vec![0i8; k];
                 let mut packed = vec![0u8; t5::row_bytes(k)];
                 t5::pack_row(&trits, &mut packed);
-                packed[..2 * t5::BLOCK_BYTES].fill(t5::encode(v));
+                packed.fill(t5::encode(v));
                 t5::unpack_row(&packed, &mut trits).unwrap();
                 packed
             };
@@ -1380,6 +1562,19 @@ mod tests {
             for isa in Isa::available() {
                 let got = dot_with(isa, TernaryLayout::T5, &row, &q, q_sum, k);
                 assert_eq!(got, want, "v={v} {isa:?}");
+                let rows = [&row[..], &row[..], &row[..]].concat();
+                let mut dots = [0i32; 3];
+                dot_rows_with(
+                    isa,
+                    TernaryLayout::T5,
+                    &rows,
+                    row.len(),
+                    &q,
+                    q_sum,
+                    k,
+                    &mut dots,
+                );
+                assert_eq!(dots, [want; 3], "v={v} {isa:?} rows");
             }
             assert_eq!(
                 dot_portable(TernaryLayout::T5, &row, &q, q_sum, k),

@@ -7,7 +7,9 @@ use rayon::prelude::*;
 
 use super::RunError;
 use super::assemble::{Parts, assemble};
-use super::kernels::{TILE, dot, dot_multi_rows, dot_rows, dot_small, dot_trits_f32, padded_len};
+use super::kernels::{
+    DECODE_ROWS, TILE, dot, dot_multi_rows, dot_rows, dot_small, dot_trits_f32, padded_len,
+};
 use super::model::{FloatMatrix, Linear, MatrixType, Transformer};
 use super::plan::QuantPlan;
 use crate::format::header::WeightRule;
@@ -138,10 +140,6 @@ impl Linear for TernaryLinear<'_> {
         });
     }
 }
-
-/// Rows of one decoded token per kernel call: a few KB to a few tens of KB of packed weights,
-/// and still 20 runs for the workers to share in 2B4T's smallest projections (640 rows).
-const DECODE_ROWS: usize = 32;
 
 /// An output buffer that parallel workers fill at disjoint indices.
 struct DisjointWrites<'a> {
