@@ -805,6 +805,10 @@ mod avx512 {
         k: usize,
         out: &mut [i32],
     ) {
+        let tails = match layout {
+            TernaryLayout::T5 if out.len() > 1 => tails_of(q, stride, k, out.len()),
+            _ => [[0; t5::BLOCK]; 4],
+        };
         // SAFETY (every arm): the caller's contract.
         unsafe {
             match (layout, out.len()) {
@@ -813,9 +817,9 @@ mod avx512 {
                 (TernaryLayout::I2, 3) => out.copy_from_slice(&i2_multi::<3, 2>(row, q, stride, k)),
                 (TernaryLayout::I2, _) => out.copy_from_slice(&i2_multi::<4, 2>(row, q, stride, k)),
                 (_, 1) => out[0] = dot_t5(row, q, 0, k),
-                (_, 2) => out.copy_from_slice(&t5_multi::<2>(row, q, stride, k)),
-                (_, 3) => out.copy_from_slice(&t5_multi::<3>(row, q, stride, k)),
-                (_, _) => out.copy_from_slice(&t5_multi::<4>(row, q, stride, k)),
+                (_, 2) => out.copy_from_slice(&t5_multi::<2>(row, q, stride, k, &tails)),
+                (_, 3) => out.copy_from_slice(&t5_multi::<3>(row, q, stride, k, &tails)),
+                (_, _) => out.copy_from_slice(&t5_multi::<4>(row, q, stride, k, &tails)),
             }
         }
     }
@@ -837,6 +841,29 @@ mod avx512 {
         out: &mut [i32],
     ) {
         let rows = out.len() / tokens;
+        if layout == TernaryLayout::T5 {
+            if tokens == 1 {
+                // SAFETY: the caller's contract; `q_sum` 0 leaves the sums without it.
+                unsafe { dot_t5_rows(data, row_bytes, q, 0, k, out) };
+                return;
+            }
+            // The short last blocks' activations, laid out once for every row.
+            let tails = tails_of(q, stride, k, tokens);
+            for (row, o) in data
+                .chunks_exact(row_bytes)
+                .zip(out.chunks_exact_mut(tokens))
+            {
+                // SAFETY: the caller's contract, row by row.
+                unsafe {
+                    match tokens {
+                        2 => o.copy_from_slice(&t5_multi::<2>(row, q, stride, k, &tails)),
+                        3 => o.copy_from_slice(&t5_multi::<3>(row, q, stride, k, &tails)),
+                        _ => o.copy_from_slice(&t5_multi::<4>(row, q, stride, k, &tails)),
+                    }
+                }
+            }
+            return;
+        }
         let mut first = 0;
         if layout == TernaryLayout::I2 {
             // Two rows at a time: twice the arithmetic per activation loaded, and one
@@ -1053,6 +1080,45 @@ mod avx512 {
         super::avx2::hsum(total) + super::t5_tail(tail, &q[full * t5::BLOCK..]) - q_sum
     }
 
+    /// A short last block of `n` bytes holds digit `j` of its byte `b` against activation
+    /// `b + n j`. Laid out as a whole block's activations (`b + 32 j`), zero elsewhere, it runs
+    /// through the whole blocks' arithmetic with its bytes loaded by [`tail_bytes`]. `q` holds
+    /// one token's padded activations for rows of `k` weights.
+    fn tail_activations(q: &[i8], k: usize) -> [i8; t5::BLOCK] {
+        let (start, n) = (k / t5::BLOCK * t5::BLOCK, t5::block_bytes(k % t5::BLOCK));
+        let mut out = [0i8; t5::BLOCK];
+        if k % t5::BLOCK > 0 {
+            for j in 0..t5::TRITS_PER_BYTE {
+                for b in 0..n {
+                    out[b + t5::BLOCK_BYTES * j] = q[start + b + n * j];
+                }
+            }
+        }
+        out
+    }
+
+    /// [`tail_activations`] of `tokens` (1..=4) tokens `stride` apart in `q`; the rest zero.
+    fn tails_of(q: &[i8], stride: usize, k: usize, tokens: usize) -> [[i8; t5::BLOCK]; 4] {
+        std::array::from_fn(|t| {
+            if t < tokens {
+                tail_activations(&q[t * stride..], k)
+            } else {
+                [0; t5::BLOCK]
+            }
+        })
+    }
+
+    /// The bytes of a short last block (`tail`, 1 to 32 of them), the rest of the vector
+    /// zero: digits of a zero byte are zero, so the lanes past the tail add nothing.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn tail_bytes(tail: &[u8]) -> __m256i {
+        let n = tail.len().min(t5::BLOCK_BYTES) as u32;
+        let mask = u32::MAX.checked_shr(32 - n).unwrap_or(0);
+        // SAFETY: the mask selects the first `n <= tail.len()` bytes; masked bytes are not read.
+        unsafe { _mm256_maskz_loadu_epi8(mask, tail.as_ptr().cast()) }
+    }
+
     /// The constants of the `t5` arithmetic ([`dot_t5`]): the 16-bit mask of high bytes and
     /// `3^(j+1)` for each digit `j`.
     struct T5Consts {
@@ -1172,16 +1238,8 @@ mod avx512 {
         let (full, used) = (k / t5::BLOCK, t5::row_bytes(k));
         debug_assert!(row_bytes >= used && q.len() >= super::padded_len(TernaryLayout::T5, k));
         let row = |r: usize| &data[r * row_bytes..r * row_bytes + used];
-        // A short last block of `n` bytes holds digit `j` of its byte `b` against activation
-        // `b + n j`: laid out here as a whole block's (`b + 32 j`), zero elsewhere, it runs
-        // through the same arithmetic, its bytes loaded with the ones past `n` masked to zero.
         let n = used - full * t5::BLOCK_BYTES;
-        let mut tail_q = [0i8; t5::BLOCK];
-        for j in 0..t5::TRITS_PER_BYTE {
-            for b in 0..n {
-                tail_q[b + t5::BLOCK_BYTES * j] = q[full * t5::BLOCK + b + n * j];
-            }
-        }
+        let tail_q = tail_activations(q, k);
         let c = T5Consts::new();
         let last = out.len().saturating_sub(1);
         let mut pairs = out.chunks_exact_mut(2);
@@ -1205,15 +1263,8 @@ mod avx512 {
                 unsafe { acc.block(&c, w, &q[b * t5::BLOCK..(b + 1) * t5::BLOCK]) };
             }
             if n > 0 {
-                let mask = (1u32 << n) - 1;
                 let at = full * t5::BLOCK_BYTES;
-                // SAFETY: the masked loads read only the `n` tail bytes of each row.
-                let w = unsafe {
-                    [
-                        _mm256_maskz_loadu_epi8(mask, rows[0][at..].as_ptr().cast()),
-                        _mm256_maskz_loadu_epi8(mask, rows[1][at..].as_ptr().cast()),
-                    ]
-                };
+                let w = [tail_bytes(&rows[0][at..]), tail_bytes(&rows[1][at..])];
                 // SAFETY: `tail_q` is one whole block.
                 unsafe { acc.block(&c, w, &tail_q) };
             }
@@ -1236,17 +1287,23 @@ mod avx512 {
     /// # Safety
     /// See [`dot_multi`].
     #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn t5_multi<const T: usize>(row: &[u8], q: &[i8], stride: usize, k: usize) -> [i32; T] {
+    unsafe fn t5_multi<const T: usize>(
+        row: &[u8],
+        q: &[i8],
+        stride: usize,
+        k: usize,
+        tails: &[[i8; t5::BLOCK]],
+    ) -> [i32; T] {
         let full = k / t5::BLOCK;
         debug_assert!(row.len() >= t5::row_bytes(k));
         debug_assert!(q.len() >= (T - 1) * stride + super::padded_len(TernaryLayout::T5, k));
+        debug_assert!(tails.len() >= T);
         let c = T5Consts::new();
         // Two accumulators per token (even and odd digits) halve the chains.
         let mut acc = [[_mm256_setzero_si256(); 2]; T];
-        let (w_ptr, q_ptr) = (row.as_ptr(), q.as_ptr());
-        for b in 0..full {
-            // SAFETY: whole block `b < full` lies within `row`; unaligned load.
-            let w = unsafe { _mm256_loadu_si256(w_ptr.add(b * t5::BLOCK_BYTES).cast()) };
+        // One block's 32 stored bytes, against the activations of token `t` and digit `j` at
+        // `a(t, j)` (32 bytes).
+        let mut add_block = |w: __m256i, a: &dyn Fn(usize, usize) -> *const i8| {
             let even = _mm256_slli_epi16::<8>(w);
             let odd = _mm256_srli_epi16::<8>(w);
             let mut f_prev = _mm256_setzero_si256();
@@ -1257,23 +1314,29 @@ mod avx512 {
                 let codes = _mm256_sub_epi8(f, three);
                 f_prev = f;
                 for (t, at) in acc.iter_mut().enumerate() {
-                    // SAFETY: token `t < T`, whole block `b`: within `q`.
-                    let a = unsafe {
-                        _mm256_loadu_si256(
-                            q_ptr
-                                .add(t * stride + b * t5::BLOCK + j * t5::BLOCK_BYTES)
-                                .cast(),
-                        )
-                    };
-                    at[j % 2] = _mm256_dpbusd_epi32(at[j % 2], codes, a);
+                    // SAFETY: `a` gives 32 readable bytes for every token and digit.
+                    let v = unsafe { _mm256_loadu_si256(a(t, j).cast()) };
+                    at[j % 2] = _mm256_dpbusd_epi32(at[j % 2], codes, v);
                 }
             }
+        };
+        let (w_ptr, q_ptr) = (row.as_ptr(), q.as_ptr());
+        for b in 0..full {
+            // SAFETY: whole block `b < full` lies within `row`; unaligned load.
+            let w = unsafe { _mm256_loadu_si256(w_ptr.add(b * t5::BLOCK_BYTES).cast()) };
+            // Token `t < T`, whole block `b`: within `q`.
+            let a = |t: usize, j: usize| {
+                q_ptr.wrapping_add(t * stride + b * t5::BLOCK + j * t5::BLOCK_BYTES)
+            };
+            add_block(w, &a);
         }
         let tail = &row[full * t5::BLOCK_BYTES..t5::row_bytes(k)];
-        std::array::from_fn(|t| {
-            let sum = super::avx2::hsum(_mm256_add_epi32(acc[t][0], acc[t][1]));
-            sum + super::t5_tail(tail, &q[t * stride + full * t5::BLOCK..])
-        })
+        if !tail.is_empty() {
+            // The short last block, through the same arithmetic (see [`tail_activations`]).
+            let a = |t: usize, j: usize| tails[t][j * t5::BLOCK_BYTES..].as_ptr();
+            add_block(tail_bytes(tail), &a);
+        }
+        std::array::from_fn(|t| super::avx2::hsum(_mm256_add_epi32(acc[t][0], acc[t][1])))
     }
 }
 
@@ -1424,7 +1487,7 @@ mod tests {
     fn multi_row_kernels_equal_the_scalar_reference() {
         let mut rng = Lcg(99);
         for layout in TernaryLayout::ALL {
-            for k in [31usize, 160, 320, 481, 2560, 6912] {
+            for k in [31usize, 159, 160, 320, 481, 2560, 6912] {
                 let (rows, padded) = (5, padded_len(layout, k));
                 // Rows further apart than they are long: the bytes between must be ignored.
                 let (used, rb) = (layout.row_bytes(k), layout.row_bytes(k) + 3);
