@@ -52,8 +52,10 @@ fn parity(src: &Path, bpk: &Path) -> serde_json::Value {
     v
 }
 
-/// Fixtures with rows shorter than a block (k = 60, 64, 128, 135) and rows of whole blocks and
-/// a short last block (176 = 160 + 16, 352 = 2 * 160 + 32); and the int4 activation path.
+/// Fixtures with rows shorter than a block (k = 60, 64, 80, 104, 128, 135) and rows of whole
+/// blocks and a short last block (176 = 160 + 16, 216 = 160 + 56, 224 = 160 + 64,
+/// 352 = 2 * 160 + 32), two of them made by transformers' own classes; and the int4
+/// activation path.
 #[test]
 fn t5_files_run_exactly_like_i2_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -61,6 +63,8 @@ fn t5_files_run_exactly_like_i2_files() {
         ("tiny-2b4t-qat", &[][..]),
         ("tiny-awkward", &[][..]),
         ("tiny-llama-fp", &[][..]),
+        ("tiny-hf-llama", &[][..]),
+        ("tiny-hf-awkward", &[][..]),
         ("tiny-2b4t-qat", &["--activations", "a4"][..]),
     ] {
         let sub = tmp.path().join(format!("{name}{}", extra.len()));

@@ -195,9 +195,13 @@ fn greedy_generation_matches_transformers() {
     let n = want.len().to_string();
     let bpk = tmp.path().join("m.bpk");
     convert_ok(&fixture("tiny-hf-saved"), &bpk, &[]);
+    // The t5 layout gives the same logits, through its own decoding kernels.
+    let t5 = tmp.path().join("m-t5.bpk");
+    convert_ok(&fixture("tiny-hf-saved"), &t5, &["--layout", "t5"]);
     let tokenizer = fixture("tiny-hf-saved").join("tokenizer.json");
     for model in [
         bpk.to_str().unwrap(),
+        t5.to_str().unwrap(),
         fixture("tiny-hf-saved").to_str().unwrap(),
     ] {
         let o = bin(&[
