@@ -337,26 +337,13 @@ mod tests {
                     let scale = AbsmeanScale::from_abs_sum(f64::from(mean) * k as f64, k);
                     let layout = TernaryLayout::I2;
                     let mut trits = vec![0i8; k];
-                    let mut a = vec![0xAAu8; layout.row_bytes(k)];
-                    let mut b = a.clone();
-                    row_ternarize(
-                        FloatDtype::Bf16,
-                        &src,
-                        &scale,
-                        layout,
-                        &mut buf,
-                        &mut trits,
-                        &mut a,
-                    );
-                    row_ternarize_body(
-                        FloatDtype::Bf16,
-                        &src,
-                        &scale,
-                        layout,
-                        &mut buf,
-                        &mut trits,
-                        &mut b,
-                    );
+                    // The fused build and the plain code, each into a fresh row.
+                    let [a, b] = [row_ternarize, row_ternarize_body].map(|f| {
+                        let mut row = vec![0xAAu8; layout.row_bytes(k)];
+                        let bf16 = FloatDtype::Bf16;
+                        f(bf16, &src, &scale, layout, &mut buf, &mut trits, &mut row);
+                        row
+                    });
                     assert_eq!(a, b, "k={k} mean={mean}");
                 }
             }
