@@ -14,9 +14,10 @@
 //! - the source files are hashed for provenance as tasks of the same pool, spawned first, so a
 //!   free worker takes them at once: SHA-256 is sequential within a file, so for a single-file
 //!   checkpoint that hash is the longest chain of work and must never wait. Where the CPU has
-//!   AVX-512 and there are at least three shards per worker, one task hashes up to eight
-//!   shards at once, one per lane of a vector ([`crate::num::sha256x8`]): 1.5 times the
-//!   throughput of hashing them one by one, each shard slower. Once the tensors are written,
+//!   a multi-message kernel ([`crate::num::digest::Lanes`]) and there are at least three
+//!   shards per worker, one task hashes several shards at once: four interleaved through the
+//!   SHA extensions, or eight in AVX-512 lanes. That is 1.5 to 1.8 times the throughput of
+//!   hashing them one by one, each shard slower. Once the tensors are written,
 //!   the worker that wrote them takes shards over from the lanes ([`FilesHasher::help`]);
 //! - tensors go through a two-stage pipeline: while tensor `i` is made (ternarized, or its
 //!   values checked), tensor `i - 1` is written, its SHA-256 computed on another task beside
@@ -351,14 +352,21 @@ fn hash_and_write(
 ) -> (Result<Vec<String>, SourceError>, Result<(), ConvertError>) {
     let cancel = AtomicBool::new(false);
     let shards = ckpt.shards.len();
-    // The lanes hash eight files on one core with 65% of the CPU time the SHA extensions take,
-    // but each file at a fifth of their speed: worth it when cores are scarce, that is when
-    // there are at least three files per worker (7 shards on 2 cores). Otherwise one file per
-    // task, as many at once as there are workers.
-    let lanes = crate::num::sha256x8::available() && shards >= 3 * rayon::current_num_threads();
+    // The lanes hash several files on one core (four through the SHA extensions, or eight in
+    // AVX-512 lanes) with 55 to 65% of the CPU time the SHA extensions take one at a time, but
+    // each file slower: worth it when cores are scarce, that is when there are at least three
+    // files per worker (7 shards on 2 cores). Otherwise one file per task, as many at once as
+    // there are workers.
+    let kernel = crate::num::digest::Lanes::detect();
+    let lanes = kernel.is_some() && shards >= 3 * rayon::current_num_threads();
+    let width = kernel.map_or(1, |k| k.width());
     // Lanes the shards leave free hash the largest float tensors stored as they are (the
     // embedding), whose digests the writer would otherwise compute on the tensors' worker.
-    let free = if lanes { (8 - shards % 8) % 8 } else { 0 };
+    let free = if lanes {
+        (width - shards % width) % width
+    } else {
+        0
+    };
     let mut as_is: Vec<&Job<'_>> = jobs
         .iter()
         .filter(|j| stored_as_is(j, rotation, opts) && ckpt.bytes(j.source).len() >= 16 << 20)
@@ -385,11 +393,9 @@ fn hash_and_write(
         .collect();
     let deferred: Vec<&str> = as_is.iter().map(|j| j.spec.name.as_str()).collect();
     let hasher = FilesHasher::new(&messages, &cancel);
-    let tasks = if lanes {
-        messages.len().div_ceil(8)
-    } else {
-        shards
-    };
+    // One lanes task: it takes the next file as each finishes, and the tensors' worker joins
+    // it once the tensors are written.
+    let tasks = if lanes { 1 } else { shards };
     let written = rayon::scope(|s| {
         for _ in 0..tasks {
             let hasher = &hasher;

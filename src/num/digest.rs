@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use super::sha256x8;
+use super::{sha256ni, sha256x8};
 use crate::fsio::{self, FileError};
 
 /// A regular file opened for reading, and its length.
@@ -84,12 +84,12 @@ pub fn sha256_file_unless(path: &Path, cancel: &AtomicBool) -> Result<Option<Str
     Ok(Some(hex(&hasher.finalize())))
 }
 
-/// Files of at least this many bytes go through the eight-lane kernel; smaller ones, whose
+/// Files of at least this many bytes go through the multi-message kernels; smaller ones, whose
 /// hashing takes no time, are hashed on their own.
 const MULTI_MIN_LEN: u64 = 1 << 20;
 
 /// Bytes of a file mapped at a time per lane of [`FilesHasher`]: eight lanes keep at
-/// most 64 MiB of the source mapped. A multiple of 64, so no block straddles two windows.
+/// most 64 MiB of the source mapped, four 32 MiB. A multiple of 64, so no block straddles two windows.
 const MULTI_WINDOW: u64 = 8 << 20;
 
 /// What [`Message::Bytes`] calls with each range of its bytes once hashed.
@@ -228,10 +228,44 @@ fn compress_one(state: &mut [u32; 8], blocks: &[u8]) {
     }
 }
 
+/// The kernel that hashes several messages at once on this CPU, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lanes {
+    /// Up to four messages through the SHA extensions, their rounds interleaved
+    /// ([`sha256ni`]): 3.3 GB/s on one core where one message alone goes at 1.8 GB/s, each
+    /// message at 0.8 GB/s (on the machine of docs/benchmarks.md).
+    ShaExtensions,
+    /// Up to eight messages in the 32-bit lanes of AVX-512 vectors ([`sha256x8`]), for CPUs
+    /// with AVX-512 and no SHA extensions: 3.0 GB/s on one core, each message at 0.38 GB/s.
+    Avx512,
+}
+
+impl Lanes {
+    /// The best multi-message kernel of this CPU: the SHA extensions' where it has them (as
+    /// fast in all and twice as fast per message as the AVX-512 lanes where both run).
+    pub fn detect() -> Option<Lanes> {
+        if sha256ni::available() {
+            Some(Lanes::ShaExtensions)
+        } else if sha256x8::available() {
+            Some(Lanes::Avx512)
+        } else {
+            None
+        }
+    }
+
+    /// How many messages the kernel hashes at once.
+    pub fn width(self) -> usize {
+        match self {
+            Lanes::ShaExtensions => sha256ni::MAX_STREAMS,
+            Lanes::Avx512 => 8,
+        }
+    }
+}
+
 /// One step of the lanes: every stream's mapped blocks, as far as the shortest window goes,
-/// through the eight-lane kernel (or the `sha2` crate's for a single stream). The streams must
-/// have their windows mapped and be at most eight.
-fn step_lanes(lanes: &mut [Stream<'_>]) {
+/// through `kernel` (or the `sha2` crate's for a single stream). The streams must have their
+/// windows mapped and be at most `kernel.width()`.
+fn step_lanes(kernel: Lanes, lanes: &mut [Stream<'_>]) {
     let blocks = lanes
         .iter()
         .map(|s| s.ahead().len() / 64)
@@ -241,34 +275,54 @@ fn step_lanes(lanes: &mut [Stream<'_>]) {
         one.compress(blocks);
         return;
     }
-    static IDLE: [u8; 64] = [0; 64];
-    let mut states = [sha256x8::IV; 8];
-    for (st, s) in states.iter_mut().zip(lanes.iter()) {
-        *st = s.state;
+    match kernel {
+        Lanes::ShaExtensions => {
+            let mut states: Vec<[u32; 8]> = lanes.iter().map(|s| s.state).collect();
+            let views: Vec<sha256x8::Lane<'_>> = lanes
+                .iter()
+                .map(|s| sha256x8::Lane {
+                    data: s.ahead(),
+                    step: 64,
+                })
+                .collect();
+            sha256ni::compress(&mut states, &views, blocks);
+            for (s, st) in lanes.iter_mut().zip(states) {
+                s.state = st;
+            }
+        }
+        Lanes::Avx512 => {
+            static IDLE: [u8; 64] = [0; 64];
+            let mut states = [sha256x8::IV; 8];
+            for (st, s) in states.iter_mut().zip(lanes.iter()) {
+                *st = s.state;
+            }
+            let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match lanes.get(l) {
+                Some(s) => sha256x8::Lane {
+                    data: s.ahead(),
+                    step: 64,
+                },
+                None => sha256x8::Lane {
+                    data: &IDLE,
+                    step: 0,
+                },
+            });
+            sha256x8::compress8(&mut states, &views, blocks);
+            for (s, st) in lanes.iter_mut().zip(states) {
+                s.state = st;
+            }
+        }
     }
-    let views: [sha256x8::Lane<'_>; 8] = std::array::from_fn(|l| match lanes.get(l) {
-        Some(s) => sha256x8::Lane {
-            data: s.ahead(),
-            step: 64,
-        },
-        None => sha256x8::Lane {
-            data: &IDLE,
-            step: 0,
-        },
-    });
-    sha256x8::compress8(&mut states, &views, blocks);
-    for (s, st) in lanes.iter_mut().zip(states) {
-        s.state = st;
+    for s in lanes.iter_mut() {
         s.done += blocks as u64 * 64;
     }
 }
 
 /// SHA-256 of several files, shared by workers of two kinds.
 ///
-/// - [`FilesHasher::run_lanes`] hashes up to eight large files at once, one per lane of the
-///   multi-buffer kernel ([`sha256x8`]), taking the next file as soon as a lane is free:
-///   about 1.6 times the bytes per second of the SHA extensions hashing one file, but each
-///   file moves at an eighth of the kernel's speed.
+/// - [`FilesHasher::run_lanes`] hashes several large files at once through the CPU's
+///   multi-message kernel ([`Lanes`]: four files through the SHA extensions, or eight in
+///   AVX-512 lanes), taking the next file as soon as a lane is free: about 1.8 times the bytes
+///   per second of the SHA extensions hashing one file, but each file slower.
 /// - [`FilesHasher::help`] hashes one file at a time with the SHA extensions: a new file if
 ///   any is left, else the one with the most bytes left, taken over from the lanes between two
 ///   steps of theirs (a step is one 8 MiB window). A worker with nothing else to do calls it,
@@ -278,6 +332,8 @@ fn step_lanes(lanes: &mut [Stream<'_>]) {
 /// set, the files not finished get `Ok(None)`, within one window's time.
 pub struct FilesHasher<'a> {
     messages: &'a [Message<'a>],
+    /// The multi-message kernel of [`FilesHasher::run_lanes`], if the CPU has one.
+    kernel: Option<Lanes>,
     cancel: &'a AtomicBool,
     min_len: u64,
     window: u64,
@@ -307,19 +363,27 @@ enum Work<'a> {
 
 impl<'a> FilesHasher<'a> {
     pub fn new(messages: &'a [Message<'a>], cancel: &'a AtomicBool) -> Self {
-        Self::with(messages, cancel, MULTI_MIN_LEN, MULTI_WINDOW)
+        Self::with(
+            messages,
+            cancel,
+            MULTI_MIN_LEN,
+            MULTI_WINDOW,
+            Lanes::detect(),
+        )
     }
 
-    /// With its two sizes as parameters (tests use small ones); `window` must be a multiple of
-    /// 64 and of the page size.
+    /// With its two sizes and its kernel as parameters (tests use small sizes, and each
+    /// kernel the CPU runs); `window` must be a multiple of 64 and of the page size.
     fn with(
         messages: &'a [Message<'a>],
         cancel: &'a AtomicBool,
         min_len: u64,
         window: u64,
+        kernel: Option<Lanes>,
     ) -> Self {
         FilesHasher {
             messages,
+            kernel,
             cancel,
             min_len,
             window,
@@ -415,14 +479,15 @@ impl<'a> FilesHasher<'a> {
         false
     }
 
-    /// Hashes files in the lanes of the multi-buffer kernel until none is left to take. Where
-    /// the kernel does not run, the same as [`FilesHasher::help`]. Whether it hashed anything.
+    /// Hashes files in the lanes of the multi-message kernel ([`Lanes`]) until none is left to
+    /// take. Where the CPU has none, the same as [`FilesHasher::help`]. Whether it hashed anything.
     pub fn run_lanes(&self) -> bool {
-        if !sha256x8::available() {
+        let Some(kernel) = self.kernel else {
             return self.help();
-        }
+        };
+        let width = kernel.width();
         let mut worked = false;
-        let mut lanes: Vec<Stream<'a>> = Vec::with_capacity(8);
+        let mut lanes: Vec<Stream<'a>> = Vec::with_capacity(width);
         let mut whole = Vec::new();
         loop {
             {
@@ -434,11 +499,11 @@ impl<'a> FilesHasher<'a> {
                 // Leave the file with the most bytes left to a waiting helper.
                 let keep = usize::from(shared.waiting > 0);
                 shared.idle.sort_by_key(|s| s.done.wrapping_sub(s.len));
-                while lanes.len() < 8 && shared.idle.len() > keep {
+                while lanes.len() < width && shared.idle.len() > keep {
                     let Some(s) = shared.idle.pop() else { break };
                     lanes.push(s);
                 }
-                while lanes.len() < 8 {
+                while lanes.len() < width {
                     match self.start_next(&mut shared) {
                         Some(Work::Stream(s)) => lanes.push(s),
                         Some(Work::Whole(i)) => whole.push(i),
@@ -470,7 +535,7 @@ impl<'a> FilesHasher<'a> {
                 // Nothing left, or only what a helper is doing or about to take.
                 return worked;
             }
-            step_lanes(&mut lanes);
+            step_lanes(kernel, &mut lanes);
         }
     }
 
@@ -598,6 +663,18 @@ mod tests {
         (paths, expected)
     }
 
+    /// Every multi-message kernel this CPU runs, and none (the lanes then work as helpers).
+    fn kernels() -> Vec<Option<Lanes>> {
+        let mut k = vec![None];
+        if sha256ni::available() {
+            k.push(Some(Lanes::ShaExtensions));
+        }
+        if sha256x8::available() {
+            k.push(Some(Lanes::Avx512));
+        }
+        k
+    }
+
     /// Runs `lanes` lane workers and `helpers` helpers on `hasher` at once, to the end.
     fn run_workers(hasher: &FilesHasher<'_>, lanes: usize, helpers: usize) {
         std::thread::scope(|s| {
@@ -669,19 +746,25 @@ mod tests {
             expected.push(Some(hex(&sha2::Sha256::digest(b))));
         }
         let never = AtomicBool::new(false);
-        // Lanes alone, a helper alone, and lanes and helpers together.
-        for (lanes, helpers) in [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)] {
+        // Lanes alone, a helper alone, and lanes and helpers together, with each kernel.
+        let runs = [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)];
+        for (kernel, (lanes, helpers)) in kernels()
+            .into_iter()
+            .flat_map(|k| runs.iter().map(move |&r| (k, r)))
+        {
             for r in &released {
                 r.lock().unwrap().clear();
             }
-            let hasher = FilesHasher::with(&refs, &never, 100, window);
+            let hasher = FilesHasher::with(&refs, &never, 100, window, kernel);
             run_workers(&hasher, lanes, helpers);
             let got = hasher.into_results();
             for (i, (d, want)) in got.into_iter().zip(&expected).enumerate() {
                 match want {
-                    Some(want) => {
-                        assert_eq!(d.unwrap().as_deref(), Some(want.as_str()), "file {i}")
-                    }
+                    Some(want) => assert_eq!(
+                        d.unwrap().as_deref(),
+                        Some(want.as_str()),
+                        "file {i}, {kernel:?}"
+                    ),
                     None => assert!(d.is_err(), "file {i} is missing"),
                 }
             }
@@ -698,13 +781,9 @@ mod tests {
     }
 
     /// A file part-hashed in the lanes and taken over by a helper ends with the right digest:
-    /// the state moves from the eight-lane kernel to the `sha2` crate's between two windows.
+    /// the state moves from a multi-message kernel to the `sha2` crate's between two windows.
     #[test]
     fn files_taken_over_from_the_lanes_hash_right() {
-        if !sha256x8::available() {
-            eprintln!("skipped: no AVX-512 F and VL on this CPU");
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
         let window = 4096u64;
         let mut rng = crate::num::SplitMix64(3);
@@ -712,31 +791,37 @@ mod tests {
         let (paths, expected) = random_files(dir.path(), &lens, &mut rng);
         let refs: Vec<Message<'_>> = paths.iter().map(|p| Message::File(p.as_path())).collect();
         let never = AtomicBool::new(false);
-        let hasher = FilesHasher::with(&refs, &never, 100, window);
-        // One lanes step by hand: every file's first window through the kernel.
-        let mut streams: Vec<Stream> = (0..lens.len())
-            .map(|i| match hasher.open(i).unwrap() {
-                Work::Stream(s) => s,
-                Work::Whole(_) => unreachable!("every file is above min_len"),
-            })
-            .collect();
-        for s in streams.iter_mut() {
-            s.ensure_window().unwrap();
+        let available: Vec<Lanes> = kernels().into_iter().flatten().collect();
+        if available.is_empty() {
+            eprintln!("skipped: no multi-message kernel on this CPU");
         }
-        step_lanes(&mut streams);
-        assert!(streams.iter().all(|s| s.done == window));
-        {
-            let mut shared = hasher.lock();
-            shared.next = lens.len();
-            shared.idle = streams;
+        for kernel in available {
+            let hasher = FilesHasher::with(&refs, &never, 100, window, Some(kernel));
+            // One lanes step by hand: every file's first window through the kernel.
+            let mut streams: Vec<Stream> = (0..lens.len())
+                .map(|i| match hasher.open(i).unwrap() {
+                    Work::Stream(s) => s,
+                    Work::Whole(_) => unreachable!("every file is above min_len"),
+                })
+                .collect();
+            for s in streams.iter_mut() {
+                s.ensure_window().unwrap();
+            }
+            step_lanes(kernel, &mut streams);
+            assert!(streams.iter().all(|s| s.done == window));
+            {
+                let mut shared = hasher.lock();
+                shared.next = lens.len();
+                shared.idle = streams;
+            }
+            assert!(hasher.help());
+            let got: Vec<String> = hasher
+                .into_results()
+                .into_iter()
+                .map(|d| d.unwrap().unwrap())
+                .collect();
+            assert_eq!(got, expected, "{kernel:?}");
         }
-        assert!(hasher.help());
-        let got: Vec<String> = hasher
-            .into_results()
-            .into_iter()
-            .map(|d| d.unwrap().unwrap())
-            .collect();
-        assert_eq!(got, expected);
     }
 
     /// A cancel in the middle of the work: every worker returns, and every file has either
@@ -755,7 +840,7 @@ mod tests {
             let trip = |_: usize, _: usize| cancel.store(true, Ordering::Relaxed);
             let mut refs = vec![Message::Bytes(&blob, &trip)];
             refs.extend(paths.iter().map(|p| Message::File(p.as_path())));
-            let hasher = FilesHasher::with(&refs, &cancel, 100, window);
+            let hasher = FilesHasher::with(&refs, &cancel, 100, window, Lanes::detect());
             run_workers(&hasher, lanes, helpers);
             let got = hasher.into_results();
             let unfinished = got.iter().filter(|d| matches!(d, Ok(None))).count();

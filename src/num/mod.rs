@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod digest;
 pub mod dtype;
+pub mod sha256ni;
 pub mod sha256x8;
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a small, fixed pseudo-random sequence for reproducible
