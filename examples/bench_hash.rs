@@ -7,19 +7,15 @@
 //! Two regimes: `cached`, 16 KiB per lane hashed again and again (L1/L2-resident, bound by the
 //! arithmetic), and `streamed`, `--mib` MiB per lane read once per pass. Best of `--reps`.
 
+mod common;
+
 use std::time::Instant;
+
+use common::arg;
 
 use bitnet_pack::num::sha256ni;
 use bitnet_pack::num::sha256x8::{IV, Lane, available, compress8};
 use sha2::Digest;
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

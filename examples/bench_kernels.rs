@@ -11,7 +11,11 @@
 //! bound), and `streamed`, as many rows as fill `--mib` MiB of i2 bytes, each read once per
 //! sweep (memory bound, as in decoding). Best of `--reps` timings (of 500 sweeps when cached).
 
+mod common;
+
 use std::time::Instant;
+
+use common::arg;
 
 use bitnet_pack::pack::TernaryLayout;
 use bitnet_pack::quant::{ACTIVATION_EPS, ActQuant};
@@ -28,14 +32,6 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         (self.0 >> 33) as u32
     }
-}
-
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// One kernel configuration to time.

@@ -68,23 +68,11 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Lane;
+    use crate::num::sha256x8::K;
 
-    /// The round constants of FIPS 180-4, four per vector.
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-
-    /// `N` states, each as the two vectors the SHA extensions take: (A, B, E, F) and
-    /// (C, D, G, H), high word first.
+    /// [`super::compress`] of `N` messages, their rounds interleaved four at a time (one
+    /// `sha256rnds2` pair per message in turn). Each state is held as the two vectors the SHA
+    /// extensions take, (A, B, E, F) and (C, D, G, H), high word first.
     #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
     pub(super) unsafe fn compress<const N: usize>(
         states: &mut [[u32; 8]],
@@ -153,15 +141,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::digest::generic_array::GenericArray;
-
-    fn reference(state: &mut [u32; 8], data: &[u8]) {
-        let blocks: Vec<_> = data
-            .chunks_exact(64)
-            .map(GenericArray::clone_from_slice)
-            .collect();
-        sha2::compress256(state, &blocks);
-    }
+    use crate::num::sha256x8::{random_case, reference_states};
 
     /// Every stream count, with message and idle lanes, ends in the states the `sha2` crate's
     /// compression function gives for the same blocks from the same starting states.
@@ -174,28 +154,15 @@ mod tests {
         let mut rng = crate::num::SplitMix64(11);
         for n in 1..=MAX_STREAMS {
             for blocks in [1usize, 2, 3, 17] {
-                let data: Vec<Vec<u8>> = (0..n)
-                    .map(|_| (0..blocks * 64 + 5).map(|_| rng.next_u64() as u8).collect())
-                    .collect();
-                let mut states: Vec<[u32; 8]> = (0..n)
-                    .map(|_| std::array::from_fn(|_| rng.next_u64() as u32))
-                    .collect();
+                let (data, mut states) = random_case(n, blocks, &mut rng);
+                // Stream 1 idle when there are several: it compresses its first block again.
                 let lanes: Vec<Lane<'_>> = (0..n)
                     .map(|l| Lane {
                         data: &data[l],
                         step: if n > 1 && l == 1 { 0 } else { 64 },
                     })
                     .collect();
-                let mut expected = states.clone();
-                for (l, s) in expected.iter_mut().enumerate() {
-                    if lanes[l].step == 0 {
-                        for _ in 0..blocks {
-                            reference(s, &data[l][..64]);
-                        }
-                    } else {
-                        reference(s, &data[l][..blocks * 64]);
-                    }
-                }
+                let expected = reference_states(&states, &lanes, blocks);
                 compress(&mut states, &lanes, blocks);
                 assert_eq!(states, expected, "{n} streams, {blocks} blocks");
             }

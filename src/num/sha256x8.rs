@@ -12,7 +12,7 @@
 //! lane that hashes the same block again (its state is then thrown away).
 
 /// The round constants of FIPS 180-4, section 4.2.2.
-const K: [u32; 64] = [
+pub(crate) const K: [u32; 64] = [
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
     0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
     0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
@@ -249,18 +249,49 @@ mod x86 {
     }
 }
 
+/// The states `lanes` should end in after `blocks` compressions from `states`, by the `sha2`
+/// crate's compression function: the reference the multi-message kernels are tested against.
+/// An idle lane (step 0) compresses its first block `blocks` times.
+#[cfg(test)]
+pub(crate) fn reference_states(
+    states: &[[u32; 8]],
+    lanes: &[Lane<'_>],
+    blocks: usize,
+) -> Vec<[u32; 8]> {
+    use sha2::digest::generic_array::GenericArray;
+    states
+        .iter()
+        .zip(lanes)
+        .map(|(s, lane)| {
+            let mut s = *s;
+            for b in 0..blocks {
+                let block = &lane.data[lane.step * b..lane.step * b + 64];
+                sha2::compress256(&mut s, &[GenericArray::clone_from_slice(block)]);
+            }
+            s
+        })
+        .collect()
+}
+
+/// `n` random messages of `blocks` blocks and a few bytes more, and `n` random states.
+#[cfg(test)]
+pub(crate) fn random_case(
+    n: usize,
+    blocks: usize,
+    rng: &mut crate::num::SplitMix64,
+) -> (Vec<Vec<u8>>, Vec<[u32; 8]>) {
+    let data = (0..n)
+        .map(|_| (0..blocks * 64 + 5).map(|_| rng.next_u64() as u8).collect())
+        .collect();
+    let states = (0..n)
+        .map(|_| std::array::from_fn(|_| rng.next_u64() as u32))
+        .collect();
+    (data, states)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::digest::generic_array::GenericArray;
-
-    fn reference(state: &mut [u32; 8], data: &[u8]) {
-        let blocks: Vec<_> = data
-            .chunks_exact(64)
-            .map(GenericArray::clone_from_slice)
-            .collect();
-        sha2::compress256(state, &blocks);
-    }
 
     /// Every lane, message or idle, ends in the state the `sha2` crate's compression function
     /// gives for the same blocks from the same starting state.
@@ -272,32 +303,16 @@ mod tests {
         }
         let mut rng = crate::num::SplitMix64(7);
         for blocks in [1usize, 2, 5, 17] {
-            let data: Vec<Vec<u8>> = (0..8)
-                .map(|_| (0..blocks * 64 + 3).map(|_| rng.next_u64() as u8).collect())
-                .collect();
-            let mut states = [[0u32; 8]; 8];
-            for s in states.iter_mut() {
-                for x in s.iter_mut() {
-                    *x = rng.next_u64() as u32;
-                }
-            }
+            let (data, states) = random_case(8, blocks, &mut rng);
+            let mut states: [[u32; 8]; 8] = std::array::from_fn(|l| states[l]);
             // Lanes 2 and 5 idle: they compress their first block `blocks` times.
             let lanes: [Lane<'_>; 8] = std::array::from_fn(|l| Lane {
                 data: &data[l],
                 step: if l == 2 || l == 5 { 0 } else { 64 },
             });
-            let mut expected = states;
-            for (l, s) in expected.iter_mut().enumerate() {
-                if lanes[l].step == 0 {
-                    for _ in 0..blocks {
-                        reference(s, &data[l][..64]);
-                    }
-                } else {
-                    reference(s, &data[l][..blocks * 64]);
-                }
-            }
+            let expected = reference_states(&states, &lanes, blocks);
             compress8(&mut states, &lanes, blocks);
-            assert_eq!(states, expected, "{blocks} blocks");
+            assert_eq!(states.to_vec(), expected, "{blocks} blocks");
         }
     }
 }
