@@ -88,8 +88,9 @@ pub fn sha256_file_unless(path: &Path, cancel: &AtomicBool) -> Result<Option<Str
 /// hashing takes no time, are hashed on their own.
 const MULTI_MIN_LEN: u64 = 1 << 20;
 
-/// Bytes of a file mapped at a time per lane of [`FilesHasher`]: eight lanes keep at
-/// most 64 MiB of the source mapped, four 32 MiB. A multiple of 64, so no block straddles two windows.
+/// Bytes of a file mapped at a time per lane of [`FilesHasher`]: eight lanes keep at most
+/// 64 MiB of the source mapped, four 32 MiB. A multiple of 64, so no block straddles two
+/// windows.
 const MULTI_WINDOW: u64 = 8 << 20;
 
 /// What [`Message::Bytes`] calls with each range of its bytes once hashed.
@@ -236,7 +237,8 @@ pub enum Lanes {
     /// message at 0.8 GB/s (on the machine of docs/benchmarks.md).
     ShaExtensions,
     /// Up to eight messages in the 32-bit lanes of AVX-512 vectors ([`sha256x8`]), for CPUs
-    /// with AVX-512 and no SHA extensions: 3.0 GB/s on one core, each message at 0.38 GB/s.
+    /// with AVX-512 and no SHA extensions: 2.8 to 3.0 GB/s on one core, each message at 0.35
+    /// to 0.38 GB/s.
     Avx512,
 }
 
@@ -321,8 +323,8 @@ fn step_lanes(kernel: Lanes, lanes: &mut [Stream<'_>]) {
 ///
 /// - [`FilesHasher::run_lanes`] hashes several large files at once through the CPU's
 ///   multi-message kernel ([`Lanes`]: four files through the SHA extensions, or eight in
-///   AVX-512 lanes), taking the next file as soon as a lane is free: about 1.8 times the bytes
-///   per second of the SHA extensions hashing one file, but each file slower.
+///   AVX-512 lanes), taking the next file as soon as a lane is free: 1.7 to 1.8 times the
+///   bytes per second of the SHA extensions hashing one file, but each file slower.
 /// - [`FilesHasher::help`] hashes one file at a time with the SHA extensions: a new file if
 ///   any is left, else the one with the most bytes left, taken over from the lanes between two
 ///   steps of theirs (a step is one 8 MiB window). A worker with nothing else to do calls it,
