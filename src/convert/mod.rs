@@ -14,8 +14,8 @@
 //! - the source files are hashed for provenance as tasks of the same pool, spawned first, so a
 //!   free worker takes them at once: SHA-256 is sequential within a file, so for a single-file
 //!   checkpoint that hash is the longest chain of work and must never wait. Where the CPU has
-//!   a multi-message kernel ([`crate::num::digest::Lanes`]) and there are at least three
-//!   shards per worker, one task hashes several shards at once: four interleaved through the
+//!   a multi-message kernel ([`crate::num::digest::Lanes`]) and there are at least two shards
+//!   per worker (three for the AVX-512 lanes), one task hashes several shards at once: four interleaved through the
 //!   SHA extensions, or eight in AVX-512 lanes. That is 1.5 to 1.8 times the throughput of
 //!   hashing them one by one, each shard slower. Once the tensors are written,
 //!   the worker that wrote them takes shards over from the lanes ([`FilesHasher::help`]);
@@ -354,11 +354,17 @@ fn hash_and_write(
     let shards = ckpt.shards.len();
     // The lanes hash several files on one core (four through the SHA extensions, or eight in
     // AVX-512 lanes) with 55 to 65% of the CPU time the SHA extensions take one at a time, but
-    // each file slower: worth it when cores are scarce, that is when there are at least three
-    // files per worker (7 shards on 2 cores). Otherwise one file per task, as many at once as
-    // there are workers.
+    // each file slower: worth it when cores are scarce. Four files through the SHA extensions
+    // go at 0.8 GB/s each, so two files per worker are enough (4 shards on 2 cores: 1.66-1.73 s
+    // against 2.38-2.48 s one file per task); eight AVX-512 lanes go at 0.35 GB/s each, so they
+    // need three (7 shards on 2 cores). Otherwise one file per task, as many at once as there
+    // are workers.
     let kernel = crate::num::digest::Lanes::detect();
-    let lanes = kernel.is_some() && shards >= 3 * rayon::current_num_threads();
+    let per_worker = match kernel {
+        Some(crate::num::digest::Lanes::ShaExtensions) => 2,
+        _ => 3,
+    };
+    let lanes = kernel.is_some() && shards >= per_worker * rayon::current_num_threads();
     let width = kernel.map_or(1, |k| k.width());
     // Lanes the shards leave free hash the largest float tensors stored as they are (the
     // embedding), whose digests the writer would otherwise compute on the tensors' worker.
