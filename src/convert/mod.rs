@@ -15,10 +15,11 @@
 //!   free worker takes them at once: SHA-256 is sequential within a file, so for a single-file
 //!   checkpoint that hash is the longest chain of work and must never wait. Where the CPU has
 //!   a multi-message kernel ([`crate::num::digest::Lanes`]) and there are at least two shards
-//!   per worker (three for the AVX-512 lanes), one task hashes several shards at once: four interleaved through the
-//!   SHA extensions, or eight in AVX-512 lanes. That is 1.5 to 1.8 times the throughput of
-//!   hashing them one by one, each shard slower. Once the tensors are written,
-//!   the worker that wrote them takes shards over from the lanes ([`FilesHasher::help`]);
+//!   per worker (three for the AVX-512 lanes), one task hashes several shards at once: four
+//!   interleaved through the SHA extensions, or eight in AVX-512 lanes. That is 1.5 to 1.8
+//!   times the throughput of hashing them one by one, each shard slower. Once the tensors are
+//!   written, the worker that wrote them takes shards over from the lanes
+//!   ([`FilesHasher::help`]);
 //! - tensors go through a two-stage pipeline: while tensor `i` is made (ternarized, or its
 //!   values checked), tensor `i - 1` is written, its SHA-256 computed on another task beside
 //!   the write. Idle workers steal whichever of these is waiting, and at most two tensors'
