@@ -277,9 +277,10 @@ fn existing_output_needs_force() {
     assert_eq!(code(&bin(&["validate", bpk.to_str().unwrap()])), 0);
 }
 
-/// Three shards and one worker: the shards are hashed in the lanes of the multi-buffer SHA-256
-/// (where the CPU has AVX-512), and the 16 MiB embedding, stored as it is, in a lane they leave
-/// free, its digest given to the writer afterwards. With two workers neither happens. Both
+/// Three shards and one worker: the shards are hashed in the lanes of a multi-message SHA-256
+/// (where the CPU has the SHA extensions or AVX-512), and the 16 MiB embedding, stored as it
+/// is, in a lane they leave free, its digest given to the writer afterwards. With two workers
+/// neither happens. Both
 /// files must be byte-identical and pass `validate`.
 #[test]
 fn an_embedding_hashed_in_a_free_lane_gives_the_same_file() {
