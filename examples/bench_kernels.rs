@@ -3,7 +3,8 @@
 //! CPU has (`run::kernels::Isa`), one token (`dot_rows_with` over runs of `DECODE_ROWS` rows, as
 //! decoding runs it) and a tile of four
 //! (`dot_multi_rows_with` over every row, as prefill runs it), on the projection shapes of BitNet b1.58 2B4T, int8
-//! activations.
+//! activations; and for one token, the `t5` rows re-laid in tiles for the table-lookup kernel
+//! (`run::tiles`, isa `tiles`), where the CPU has AVX-512 BW.
 //!
 //! cargo run --release --example bench_kernels -- [--reps 5] [--mib 256]
 //!
@@ -22,6 +23,7 @@ use bitnet_pack::quant::{ACTIVATION_EPS, ActQuant};
 use bitnet_pack::run::kernels::{
     DECODE_ROWS, Isa, TILE, dot_multi_rows_with, dot_rows_with, padded_len,
 };
+use bitnet_pack::run::tiles;
 
 struct Lcg(u64);
 impl Lcg {
@@ -85,6 +87,41 @@ fn sweep(c: &Case<'_>, (reps, inner): (usize, usize)) -> (f64, i64) {
     (best, check)
 }
 
+/// [`sweep`] for one token through `t5` rows re-laid in tiles (`run::tiles`), as decoding
+/// runs it: the token's tables, then a group of tiles per kernel call.
+fn sweep_tiles(t: &tiles::T5Tiles, q: &[i8], (reps, inner): (usize, usize)) -> (f64, i64) {
+    let mut best = f64::MAX;
+    let mut check = 0i64;
+    let mut tables = tiles::new_tables(t.k());
+    for _ in 0..reps {
+        let start = Instant::now();
+        for _ in 0..inner {
+            let q = std::hint::black_box(q);
+            tiles::build_tables(q, t.k(), &mut tables);
+            let mut acc = 0i64;
+            for first in (0..t.tiles()).step_by(t.group()) {
+                let mut dots = [[[0i32; tiles::TILE_ROWS]; 1]; tiles::GROUP_TILES];
+                if t.group() == tiles::GROUP_TILES {
+                    tiles::dot_tiles::<1, { tiles::GROUP_TILES }>(t, first, [&tables], &mut dots);
+                } else {
+                    let mut one = [[[0i32; tiles::TILE_ROWS]; 1]; 1];
+                    tiles::dot_tiles::<1, 1>(t, first, [&tables], &mut one);
+                    dots[0] = one[0];
+                }
+                acc += dots
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .map(|&v| i64::from(v))
+                    .sum::<i64>();
+            }
+            check = std::hint::black_box(acc);
+        }
+        best = best.min(start.elapsed().as_secs_f64() / inner as f64);
+    }
+    (best, check)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = arg(&args, "--reps", 5);
@@ -98,7 +135,8 @@ fn main() {
         eps: ACTIVATION_EPS,
     };
     for k in [2560usize, 6912] {
-        let rows_streamed = (mib << 20) / TernaryLayout::I2.row_bytes(k);
+        // Whole groups of tiles, so that the table-lookup kernel's sums cover the same rows.
+        let rows_streamed = (mib << 20) / TernaryLayout::I2.row_bytes(k) / 128 * 128;
         for (regime, rows, reps) in [
             ("cached", 64, (reps, 500)),
             ("streamed", rows_streamed, (reps, 1)),
@@ -122,6 +160,22 @@ fn main() {
                     let mut q = vec![0i8; tokens * padded];
                     for (xt, qt) in x.chunks_exact(k).zip(q.chunks_exact_mut(padded)) {
                         act.quantize(xt, qt);
+                    }
+                    if layout == TernaryLayout::T5 && tokens == 1 && tiles::available() {
+                        let t = tiles::T5Tiles::from_t5(data, row_bytes, rows, k);
+                        let (secs, check) = sweep_tiles(&t, &q[..k], reps);
+                        checks.push(check);
+                        println!(
+                            "{:<6} {:<6} {:<9} {:>6} {:>7} {:>8} {:>8.2} {:>8.2}",
+                            k,
+                            rows,
+                            regime,
+                            tokens,
+                            "t5",
+                            "tiles",
+                            (rows * k) as f64 / secs / 1e9,
+                            data.len() as f64 / secs / 1e9,
+                        );
                     }
                     for isa in Isa::available() {
                         let case = Case {

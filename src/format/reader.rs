@@ -284,6 +284,46 @@ impl Storage {
         Ok(Storage::Memory(memory.make_read_only().map_err(io)?))
     }
 
+    /// Gives back to the OS the memory behind the whole pages of `range`, where the same bytes
+    /// can be read again from the file at `path` at the same offsets: an in-memory copy gets
+    /// the file mapped over those pages (private, read-only), a mapping drops its resident
+    /// pages. The bytes then take no memory until read, and read the same as long as the file
+    /// is not changed meanwhile (the contract of any mapped file). For a caller that keeps its
+    /// own form of them (the runner's re-laid `t5` rows). Returns the bytes given back: 0 for
+    /// an owned copy, off Linux, or where the OS refuses (the memory then stays as it was).
+    pub fn release(&self, path: &Path, range: std::ops::Range<usize>) -> usize {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0);
+            if page == 0 || range.end > self.len() {
+                return 0;
+            }
+            let (start, end) = (range.start.next_multiple_of(page), range.end / page * page);
+            if end <= start {
+                return 0;
+            }
+            let len = end - start;
+            match self {
+                Storage::Mapped(m) => {
+                    // SAFETY: dropping the resident pages of a read-only file mapping: later
+                    // reads fault them in again from the file.
+                    let r = unsafe {
+                        m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
+                    };
+                    r.map_or(0, |()| len)
+                }
+                Storage::Memory(m) => remap_from_file(m, path, start, len),
+                Storage::Owned(_) => 0,
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (path, range);
+            0
+        }
+    }
+
     /// Where the bytes live: `mapped`, `memory` or `owned`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -292,6 +332,89 @@ impl Storage {
             Storage::Owned(_) => "owned",
         }
     }
+}
+
+/// [`Storage::release`] of an in-memory copy: bytes `start..start + len` (whole pages) of `m`,
+/// which were read from the file at `path` at the same offsets, replaced by a private
+/// read-only mapping of that file. The file is mapped first wherever the OS likes, so that a
+/// file system that cannot map files, or a file now too short, leaves `m` untouched; then
+/// the mapping moves onto the copy's pages in one `mremap`. Returns `len`, or 0 if nothing
+/// changed.
+#[cfg(target_os = "linux")]
+fn remap_from_file(m: &Mmap, path: &Path, start: usize, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = crate::fsio::open_regular(path) else {
+        return 0;
+    };
+    let long_enough = file
+        .metadata()
+        .is_ok_and(|meta| meta.len() >= (start + len) as u64);
+    let Ok(offset) = libc::off_t::try_from(start) else {
+        return 0;
+    };
+    if !long_enough {
+        return 0;
+    }
+    // SAFETY: a new private read-only mapping of the open file, where the OS picks.
+    let probe = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if probe == libc::MAP_FAILED {
+        return 0;
+    }
+    let target = m
+        .as_ptr()
+        .wrapping_add(start)
+        .cast_mut()
+        .cast::<libc::c_void>();
+    // SAFETY: moves the new mapping over whole pages inside `m`'s own anonymous mapping, which
+    // hold the bytes the file has at these offsets; the move unmaps the pages it replaces, and
+    // `m`'s drop later unmaps its whole range, the moved pages included.
+    let moved = unsafe {
+        libc::mremap(
+            probe,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target,
+        )
+    };
+    if moved != libc::MAP_FAILED {
+        return len;
+    }
+    // The move failed, perhaps after unmapping the target (out of memory mappings): map the
+    // file straight over it, which reads the same bytes whether or not the copy's pages are
+    // still there.
+    // SAFETY: the probe mapping is still ours (it was not moved).
+    unsafe { libc::munmap(probe, len) };
+    // SAFETY: as for the move: whole pages inside `m`, replaced by the file's same bytes.
+    let fixed = unsafe {
+        libc::mmap(
+            target,
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if fixed == libc::MAP_FAILED {
+        // The pages may be gone, and the model's bytes with them: nothing safe to go on with.
+        eprintln!(
+            "error: could not map {} back into memory ({}); stopping",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        std::process::abort();
+    }
+    len
 }
 
 /// Fills `out` from the start of `file`. On Unix, pieces of 32 MiB are read in parallel on the
@@ -378,6 +501,14 @@ impl BpkFile {
     }
 
     /// The stored bytes of a tensor of this file's table (bounds were checked at open).
+    /// [`Storage::release`] of a tensor's stored bytes (the whole pages among them); returns
+    /// the bytes given back.
+    pub fn release(&self, e: &TensorEntry) -> usize {
+        let start = (self.preamble.data_offset + e.offset) as usize;
+        self.mmap
+            .release(&self.path, start..start + e.length as usize)
+    }
+
     pub fn stored(&self, e: &TensorEntry) -> &[u8] {
         let start = (self.preamble.data_offset + e.offset) as usize;
         &self.mmap[start..start + e.length as usize]
@@ -741,5 +872,66 @@ fn check_zero(
             region,
             offset: from + i as u64,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resident bytes of the process's mappings that cover `ptr` (from `/proc/self/smaps`).
+    #[cfg(target_os = "linux")]
+    fn resident_kib_at(ptr: *const u8) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let addr = ptr as u64;
+        let mut covering = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((a, b)) = range.split_once('-')
+                && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            {
+                covering = a <= addr && addr < b;
+            } else if covering && let Some(rest) = line.strip_prefix("Rss:") {
+                return rest.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    /// Released bytes read the same afterwards, from an in-memory copy and from a mapping,
+    /// for ranges that start and end inside pages, and the in-memory copy gives the pages
+    /// back (the file's pages are not read until touched). An owned copy keeps its bytes.
+    #[test]
+    fn released_bytes_read_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        let mut rng = crate::num::SplitMix64(3);
+        let bytes: Vec<u8> = (0..(3 << 20) + 123).map(|_| rng.next_u64() as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let storages = [
+            Storage::read_into_memory(&path).unwrap(),
+            Storage::map(&path).unwrap(),
+            Storage::Owned(bytes.clone()),
+        ];
+        for storage in storages {
+            let kind = storage.kind();
+            assert_eq!(&storage[..], &bytes[..], "{kind}");
+            let range = 1000..(3 << 20) + 100;
+            let released = storage.release(&path, range.clone());
+            if cfg!(target_os = "linux") && kind != "owned" {
+                assert_eq!(released, (3 << 20) - 4096, "{kind}");
+            } else {
+                assert_eq!(released, 0, "{kind}");
+            }
+            #[cfg(target_os = "linux")]
+            if kind == "memory" {
+                let rss = resident_kib_at(storage.as_ptr().wrapping_add(1 << 20));
+                assert_eq!(rss, Some(0), "the released pages are not resident");
+            }
+            assert_eq!(&storage[..], &bytes[..], "{kind}: after the release");
+            // Out of range, or within one page: nothing to give back.
+            assert_eq!(storage.release(&path, 0..bytes.len() + 1), 0, "{kind}");
+            assert_eq!(storage.release(&path, 10..4000), 0, "{kind}");
+        }
     }
 }
