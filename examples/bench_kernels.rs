@@ -100,17 +100,11 @@ fn sweep_tiles(t: &tiles::T5Tiles, q: &[i8], (reps, inner): (usize, usize)) -> (
             tiles::build_tables(q, t.k(), &mut tables);
             let mut acc = 0i64;
             for first in (0..t.tiles()).step_by(t.group()) {
-                let mut dots = [[[0i32; tiles::TILE_ROWS]; 1]; tiles::GROUP_TILES];
-                if t.group() == tiles::GROUP_TILES {
-                    tiles::dot_tiles::<1, { tiles::GROUP_TILES }>(t, first, [&tables], &mut dots);
-                } else {
-                    let mut one = [[[0i32; tiles::TILE_ROWS]; 1]; 1];
-                    tiles::dot_tiles::<1, 1>(t, first, [&tables], &mut one);
-                    dots[0] = one[0];
-                }
+                let mut dots = [[0i32; tiles::TILE_ROWS]; tiles::GROUP_TILES];
+                tiles::dot_group(t, first, &tables, &mut dots);
                 acc += dots
                     .iter()
-                    .flatten()
+                    .take(t.group())
                     .flatten()
                     .map(|&v| i64::from(v))
                     .sum::<i64>();

@@ -174,16 +174,10 @@ fn forward_tiles(t: &T5Tiles, q: &[i8], factor: f32, y: &mut [f32]) {
                     tiles::build_tables(q, k, tables);
                 }
                 let first = c * run;
-                let mut dots = [[[0i32; TILE_ROWS]; 1]; tiles::GROUP_TILES];
-                if run == tiles::GROUP_TILES {
-                    tiles::dot_tiles::<1, { tiles::GROUP_TILES }>(t, first, [tables], &mut dots);
-                } else {
-                    let mut one = [[[0i32; TILE_ROWS]; 1]; 1];
-                    tiles::dot_tiles::<1, 1>(t, first, [tables], &mut one);
-                    dots[0] = one[0];
-                }
+                let mut dots = [[0i32; TILE_ROWS]; tiles::GROUP_TILES];
+                tiles::dot_group(t, first, tables, &mut dots);
                 for (i, o) in yc.iter_mut().enumerate() {
-                    *o = dots[i / TILE_ROWS][0][i % TILE_ROWS] as f32 * factor;
+                    *o = dots[i / TILE_ROWS][i % TILE_ROWS] as f32 * factor;
                 }
             })
         });
@@ -470,8 +464,8 @@ mod tests {
     use crate::quant::ACTIVATION_EPS;
 
     /// The table-lookup path (one token, and prompts in steps of [`TILES_STEP`] tokens, two
-    /// tiles and two tokens at a time) gives the `t5` kernels' outputs bit for bit, on a matrix
-    /// large enough for groups of four tiles, with a partial last tile, a short last block,
+    /// tiles and two tokens at a time) gives the `t5` kernels' outputs bit for bit, on matrices
+    /// with groups of four and of eight tiles, with a partial last tile, a short last block,
     /// and an odd token count past one step; with int8 and int4 inputs.
     #[test]
     fn tiles_give_the_t5_kernels_outputs() {
@@ -479,7 +473,13 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512 BW");
             return;
         }
-        let (rows, k) = (1030, 700);
+        for (rows, group) in [(1030, 4), (2050, 8)] {
+            tiles_equal_t5(rows, group);
+        }
+    }
+
+    fn tiles_equal_t5(rows: usize, group: usize) {
+        let k = 700;
         let mut rng = crate::num::SplitMix64(11);
         let row_bytes = TernaryLayout::T5.row_bytes(k);
         let mut data = vec![0u8; rows * row_bytes];
@@ -511,7 +511,7 @@ mod tests {
             };
             let plain = linear(None);
             let tiled = linear(Some(T5Tiles::from_t5(&data, row_bytes, rows, k)));
-            assert_eq!(tiled.tiles.as_ref().map(T5Tiles::group), Some(4));
+            assert_eq!(tiled.tiles.as_ref().map(T5Tiles::group), Some(group));
             for n in [1, 2, 19] {
                 let (mut want, mut got) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 plain.forward(&x[..n * k], n, &mut want);

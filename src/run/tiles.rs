@@ -9,10 +9,10 @@
 //! - **Lines.** Rows go by tiles of [`TILE_ROWS`] = 32. Line `p` of a tile holds, for each of
 //!   its rows, the 16-bit word `byte[2p] | byte[2p + 1] << 8` of the row's `t5` bytes (0 past
 //!   the row's last byte, and for the rows past the matrix's last). A tile's lines lie
-//!   together, and tiles go by groups of [`GROUP_TILES`] (one for matrices of fewer than
-//!   `4 * GROUP_TILES` tiles) that share each table load. A run over a group reads one stream
-//!   per tile: on the CPU measured, four streams gave one thread 19-21 GB/s against 15-16 for
-//!   the same lines interleaved into one stream.
+//!   together, and tiles go by groups that share each table load: 8 tiles in matrices of at
+//!   least 64 tiles, 4 in those of at least 16, else 1 (each worker still gets several
+//!   groups). A run over a group reads one stream per tile: on the CPU measured, four streams
+//!   gave one thread 19-21 GB/s against 15-16 for the same lines interleaved into one stream.
 //! - **Indices.** A stored byte `s` of base-3 value `v` holds the codes `c0..c4` (`t5`:
 //!   `code = trit + 1`, `c0` the most significant digit). `hi = floor(27 s / 256)` is
 //!   `floor(v / 9) = 9 c0 + 3 c1 + c2` (0..27), exactly for every valid byte, and
@@ -39,13 +39,13 @@ pub const TILE_ROWS: usize = 32;
 pub const TABLE: usize = 32;
 /// Tables per line and token: `H` and `L` of its two byte positions.
 pub const LINE_TABLES: usize = 4;
-/// Lines summed in i16 before widening: each line adds at most `3 * 128 + 2 * 128 = 640` in
-/// magnitude to each of the two sums (even and odd bytes).
-pub const FLUSH_LINES: usize = 48;
-/// Tiles of a group in matrices of at least `4 * GROUP_TILES` tiles.
-pub const GROUP_TILES: usize = 4;
+/// Lines summed in i16 before widening: each line adds at most `2 * (3 * 128 + 2 * 128)` =
+/// 1280 in magnitude to a row's sum (its two bytes).
+pub const FLUSH_LINES: usize = 24;
+/// Most tiles of a group (see [`T5Tiles::from_t5`]).
+pub const GROUP_TILES: usize = 8;
 
-const _: () = assert!(FLUSH_LINES * 640 <= i16::MAX as usize);
+const _: () = assert!(FLUSH_LINES * 1280 <= i16::MAX as usize);
 
 /// One line of a tile (the words of its 32 rows) or one table: 64 bytes, aligned to a cache
 /// line so that each 512-bit load touches one line.
@@ -147,7 +147,7 @@ pub struct T5Tiles {
     rows: usize,
     k: usize,
     lines: usize,
-    /// Tiles per group: [`GROUP_TILES`] or 1.
+    /// Tiles per group: 8, 4 or 1.
     group: usize,
     /// `[tile][line]`, the tile count rounded up to whole groups.
     data: Lines,
@@ -208,8 +208,10 @@ impl T5Tiles {
         assert!(row_bytes >= used && data.len() >= rows.saturating_sub(1) * row_bytes + used);
         let lines = lines(k);
         let tiles = rows.div_ceil(TILE_ROWS);
-        let group = if tiles >= 4 * GROUP_TILES {
+        let group = if tiles >= 64 {
             GROUP_TILES
+        } else if tiles >= 16 {
+            4
         } else {
             1
         };
@@ -334,7 +336,8 @@ pub fn dot_tile_scalar<const T: usize>(
     }
 }
 
-/// [`dot_tile_scalar`] of `R` consecutive tiles from `first` (`R * T <= 4`), `out[r][t]`,
+/// [`dot_tile_scalar`] of `R` consecutive tiles from `first` (`R * T <= 8`, `T <= 4`),
+/// `out[r][t]`,
 /// with the AVX-512 kernel where the CPU has it: each token's tables are read once for all
 /// `R` tiles. The run lies within one group: `R` divides the matrix's [`T5Tiles::group`],
 /// and `first` is a multiple of `R`.
@@ -344,7 +347,7 @@ pub fn dot_tiles<const T: usize, const R: usize>(
     tables: [&[Table]; T],
     out: &mut [[[i32; TILE_ROWS]; T]; R],
 ) {
-    const { assert!(T * R <= 4 && T > 0 && R > 0) };
+    const { assert!(T * R <= 8 && T <= 4 && T > 0 && R > 0) };
     let len = tables_len(tiles.k);
     assert!(
         tables.iter().all(|tb| tb.len() >= len),
@@ -367,6 +370,34 @@ pub fn dot_tiles<const T: usize, const R: usize>(
     }
     for (r, o) in out.iter_mut().enumerate() {
         dot_tile_scalar(tiles, first + r, tables, o);
+    }
+}
+
+/// One token's dot products with the tiles of the group that starts at tile `first`, into
+/// `out[tile of the group][row]` (the first [`T5Tiles::group`] entries): [`dot_tiles`] with
+/// `R` the matrix's group.
+pub fn dot_group(
+    tiles: &T5Tiles,
+    first: usize,
+    tables: &[Table],
+    out: &mut [[i32; TILE_ROWS]; GROUP_TILES],
+) {
+    fn run<const R: usize>(
+        tiles: &T5Tiles,
+        first: usize,
+        tables: &[Table],
+        out: &mut [[i32; TILE_ROWS]],
+    ) {
+        let mut dots = [[[0i32; TILE_ROWS]; 1]; R];
+        dot_tiles::<1, R>(tiles, first, [tables], &mut dots);
+        for (o, d) in out.iter_mut().zip(dots) {
+            *o = d[0];
+        }
+    }
+    match tiles.group {
+        8 => run::<8>(tiles, first, tables, out),
+        4 => run::<4>(tiles, first, tables, out),
+        _ => run::<1>(tiles, first, tables, out),
     }
 }
 
@@ -464,10 +495,10 @@ mod avx512 {
         );
     }
 
-    /// The dot products of `R` tiles with `T` tokens (`R * T <= 4`): for each line, the four
+    /// The dot products of `R` tiles with `T` tokens (`R * T <= 8`): for each line, the four
     /// tables of each token are loaded once for all the tiles; each tile's line takes one
     /// 512-bit load, four multiplications for the indices of its two bytes, and per token four
-    /// `vpermw` lookups added in i16 (one sum per byte parity), widened to i32 every
+    /// `vpermw` lookups added in i16 (one sum per tile and token), widened to i32 every
     /// [`FLUSH_LINES`] lines. `out[r][t]`.
     ///
     /// # Safety
@@ -493,7 +524,7 @@ mod avx512 {
         let mut p0 = 0;
         while p0 < count {
             let end = (p0 + FLUSH_LINES).min(count);
-            let mut acc = [[[_mm512_setzero_si512(); 2]; T]; R];
+            let mut acc = [[_mm512_setzero_si512(); T]; R];
             for p in p0..end {
                 // SAFETY: line `p < count` of each of the `R` tiles and tables `4p..4p + 4` of
                 // each token (the caller's contract), all aligned to 64.
@@ -512,8 +543,7 @@ mod avx512 {
                         for (half, &s) in bytes.iter().enumerate() {
                             let hi_idx = _mm512_mulhi_epu16(s, hi_mul);
                             let lo_idx = _mm512_mulhi_epu16(s, lo_mul);
-                            for (acc, tb) in acc.iter_mut().zip(&tb) {
-                                let a = &mut acc[half];
+                            for (a, tb) in acc.iter_mut().zip(&tb) {
                                 *a = _mm512_add_epi16(*a, lookup(hi_idx, tb[2 * half]));
                                 *a = _mm512_add_epi16(*a, lookup(lo_idx, tb[2 * half + 1]));
                             }
@@ -523,10 +553,8 @@ mod avx512 {
             }
             for r in 0..R {
                 for t in 0..T {
-                    // At most FLUSH_LINES * 640 in magnitude each: exact in i16.
-                    for a in acc[r][t] {
-                        widen(&mut lo[r][t], &mut hi[r][t], a);
-                    }
+                    // At most FLUSH_LINES * 1280 in magnitude: exact in i16.
+                    widen(&mut lo[r][t], &mut hi[r][t], acc[r][t]);
                 }
             }
             p0 = end;
@@ -608,10 +636,13 @@ mod tests {
             (130, 100),
             (1030, 165),
             (1024, 20),
+            (2050, 37),
         ];
+        let mut groups = std::collections::BTreeSet::new();
         for (rows, k) in shapes {
             let (data, rb, tokens) = case(rows, k, (rows * 1000 + k) as u64);
             let tiles = T5Tiles::from_t5(&data, rb, rows, k);
+            groups.insert(tiles.group());
             let tables: Vec<Vec<Table>> = tokens
                 .iter()
                 .map(|q| {
@@ -634,13 +665,14 @@ mod tests {
                 let mut one = [[[0i32; TILE_ROWS]; 1]; 1];
                 dot_tiles(&tiles, tile, [tb[2]], &mut one);
                 assert_eq!(one[0][0], fast[2], "one token against four");
-                if tiles.group() == GROUP_TILES && tile % GROUP_TILES == 0 {
-                    let mut run = [[[0i32; TILE_ROWS]; 1]; GROUP_TILES];
-                    dot_tiles(&tiles, tile, [tb[3]], &mut run);
-                    for (r, o) in run.iter().enumerate() {
+                // A whole group at once, as decoding runs it.
+                if tile % tiles.group() == 0 {
+                    let mut run = [[0i32; TILE_ROWS]; GROUP_TILES];
+                    dot_group(&tiles, tile, tb[3], &mut run);
+                    for (r, o) in run.iter().take(tiles.group()).enumerate() {
                         let mut s = [[0i32; TILE_ROWS]; 1];
                         dot_tile_scalar(&tiles, tile + r, [tb[3]], &mut s);
-                        assert_eq!(o[0], s[0], "four tiles, tile {r}");
+                        assert_eq!(*o, s[0], "{rows} x {k}, group tile {r}");
                     }
                 }
                 for (t, q) in tokens.iter().enumerate() {
@@ -653,5 +685,10 @@ mod tests {
                 }
             }
         }
+        assert_eq!(
+            groups.into_iter().collect::<Vec<_>>(),
+            [1, 4, 8],
+            "every group size"
+        );
     }
 }
