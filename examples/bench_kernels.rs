@@ -116,6 +116,29 @@ fn sweep_tiles(t: &tiles::T5Tiles, q: &[i8], (reps, inner): (usize, usize)) -> (
     (best, check)
 }
 
+/// One line of the table: the case (k, rows, regime, tokens), the layout and build, and the
+/// rates of `macs` multiply-adds over `bytes` packed bytes in `secs`.
+fn print_row(
+    (k, rows, regime, tokens): (usize, usize, &str, usize),
+    layout: &str,
+    isa: &str,
+    macs: f64,
+    bytes: usize,
+    secs: f64,
+) {
+    println!(
+        "{:<6} {:<6} {:<9} {:>6} {:>7} {:>8} {:>8.2} {:>8.2}",
+        k,
+        rows,
+        regime,
+        tokens,
+        layout,
+        isa,
+        macs / secs / 1e9,
+        bytes as f64 / secs / 1e9,
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = arg(&args, "--reps", 5);
@@ -159,17 +182,8 @@ fn main() {
                         let t = tiles::T5Tiles::from_t5(data, row_bytes, rows, k);
                         let (secs, check) = sweep_tiles(&t, &q[..k], reps);
                         checks.push(check);
-                        println!(
-                            "{:<6} {:<6} {:<9} {:>6} {:>7} {:>8} {:>8.2} {:>8.2}",
-                            k,
-                            rows,
-                            regime,
-                            tokens,
-                            "t5",
-                            "tiles",
-                            (rows * k) as f64 / secs / 1e9,
-                            data.len() as f64 / secs / 1e9,
-                        );
+                        let (at, macs) = ((k, rows, regime, tokens), (rows * k) as f64);
+                        print_row(at, "t5", "tiles", macs, data.len(), secs);
                     }
                     for isa in Isa::available() {
                         let case = Case {
@@ -182,17 +196,9 @@ fn main() {
                         };
                         let (secs, check) = sweep(&case, reps);
                         checks.push(check);
-                        println!(
-                            "{:<6} {:<6} {:<9} {:>6} {:>7} {:>8} {:>8.2} {:>8.2}",
-                            k,
-                            rows,
-                            regime,
-                            tokens,
-                            layout.as_str(),
-                            isa.name(),
-                            (rows * k * tokens) as f64 / secs / 1e9,
-                            data.len() as f64 / secs / 1e9,
-                        );
+                        let (at, macs) = ((k, rows, regime, tokens), (rows * k * tokens) as f64);
+                        let (name, isa) = (layout.as_str(), isa.name());
+                        print_row(at, name, isa, macs, data.len(), secs);
                     }
                 }
                 assert!(

@@ -42,6 +42,24 @@ fn logits(bpk: &Path, tokens: &str) -> String {
     std::fs::read_to_string(out).unwrap()
 }
 
+/// Decoding a token at a time (where the runner takes `t5` rows through its table-lookup
+/// kernel on CPUs with AVX-512 BW, and prompts through its multi-token path) gives the same
+/// logits from both files, bit for bit, at every step.
+fn decoding_steps_agree(i2: &Path, t5: &Path, what: &str) {
+    use bitnet_pack::format::BpkFile;
+    use bitnet_pack::run::{KvCache, packed};
+    let files = [i2, t5].map(|p| BpkFile::open(p).unwrap());
+    let models = files.each_ref().map(|f| packed::load(f).unwrap());
+    let mut caches = models.each_ref().map(|m| KvCache::for_model(m));
+    let mut token = 1u32;
+    for step in 0..6 {
+        let [a, b] = [0, 1].map(|i| models[i].forward_last(&[token], &mut caches[i]).unwrap());
+        let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{what}: step {step}");
+        token = (token * 7 + 3) % models[0].config.vocab_size as u32;
+    }
+}
+
 /// `parity --json`, without the members that name the files.
 fn parity(src: &Path, bpk: &Path) -> serde_json::Value {
     let o = bin(&["parity", s(src), s(bpk), "--random-tokens", "24", "--json"]);
@@ -55,7 +73,7 @@ fn parity(src: &Path, bpk: &Path) -> serde_json::Value {
 /// Fixtures with rows shorter than a block (k = 60, 64, 80, 104, 128, 135) and rows of whole
 /// blocks and a short last block (176 = 160 + 16, 216 = 160 + 56, 224 = 160 + 64,
 /// 352 = 2 * 160 + 32), two of them made by transformers' own classes; and the int4
-/// activation path.
+/// activation path. Prompts and decoding steps alike.
 #[test]
 fn t5_files_run_exactly_like_i2_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -93,6 +111,7 @@ fn t5_files_run_exactly_like_i2_files() {
 
         let tokens = "1,7,3,30,2,11,5";
         assert_eq!(logits(&i2, tokens), logits(&t5, tokens), "{what}");
+        decoding_steps_agree(&i2, &t5, &what);
         let src = fixture(name);
         assert_eq!(parity(&src, &i2), parity(&src, &t5), "{what}");
     }
@@ -230,35 +249,4 @@ fn the_t5_flag_must_match_the_tensors() {
     std::fs::write(&bad, bytes).unwrap();
     let f = only_finding(&bad);
     assert_eq!(f["kind"], "DenseFlagMismatch");
-}
-
-/// Decoding a token at a time (where the runner takes the `t5` rows through its table-lookup
-/// kernel on CPUs with AVX-512 BW) gives the `i2` file's logits bit for bit at every step, on
-/// fixtures of every row shape and with int4 activations.
-#[test]
-fn t5_decoding_steps_equal_i2_s() {
-    use bitnet_pack::format::BpkFile;
-    use bitnet_pack::run::{KvCache, packed};
-    let tmp = tempfile::tempdir().unwrap();
-    for (name, extra) in [
-        ("tiny-2b4t-qat", &[][..]),
-        ("tiny-awkward", &[][..]),
-        ("tiny-hf-awkward", &[][..]),
-        ("tiny-2b4t-qat", &["--activations", "a4"][..]),
-    ] {
-        let sub = tmp.path().join(format!("{name}{}", extra.len()));
-        std::fs::create_dir(&sub).unwrap();
-        let files = ["i2", "t5"].map(|l| BpkFile::open(&converted(&sub, name, l, extra)).unwrap());
-        let models = files.each_ref().map(|f| packed::load(f).unwrap());
-        let mut caches = models.each_ref().map(|m| KvCache::for_model(m));
-        let mut token = 1u32;
-        for step in 0..6 {
-            let [a, b] = [0, 1].map(|i| models[i].forward_last(&[token], &mut caches[i]).unwrap());
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{name} {extra:?}: step {step}"
-            );
-            token = (token * 7 + 3) % models[0].config.vocab_size as u32;
-        }
-    }
 }
