@@ -212,16 +212,48 @@ pub enum FormatError {
 /// [`Storage::read_into_memory`]), or owned (tests, fuzzing).
 pub enum Storage {
     Mapped(Mmap),
-    /// A read-only copy in anonymous memory, backed by huge pages where the OS allows.
-    Memory(Mmap),
+    /// A read-only copy in anonymous memory, backed by huge pages where the OS allows, and
+    /// what identified the file when it was read.
+    Memory(Mmap, Option<FileStamp>),
     Owned(Vec<u8>),
+}
+
+/// What identifies a file's contents cheaply: device, inode, length and modification time.
+/// [`Storage::release`] maps a file over a copy of it only if the stamp has not changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(file: &std::fs::File) -> Option<FileStamp> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata().ok()?;
+            Some(FileStamp {
+                dev: m.dev(),
+                ino: m.ino(),
+                len: m.len(),
+                modified: m.modified().ok(),
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = file;
+            None
+        }
+    }
 }
 
 impl std::ops::Deref for Storage {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Storage::Mapped(m) | Storage::Memory(m) => m,
+            Storage::Mapped(m) | Storage::Memory(m, _) => m,
             Storage::Owned(v) => v,
         }
     }
@@ -270,6 +302,7 @@ impl Storage {
         if !fits {
             return Self::map(path);
         }
+        let stamp = FileStamp::of(&file);
         let mut memory = memmap2::MmapOptions::new()
             .len(len)
             .map_anon()
@@ -281,16 +314,18 @@ impl Storage {
         }
         // A file that shrank since its length was read fails here (unexpected end of file).
         read_all(&mut file, &mut memory).map_err(io)?;
-        Ok(Storage::Memory(memory.make_read_only().map_err(io)?))
+        Ok(Storage::Memory(memory.make_read_only().map_err(io)?, stamp))
     }
 
     /// Gives back to the OS the memory behind the whole pages of `range`, where the same bytes
     /// can be read again from the file at `path` at the same offsets: an in-memory copy gets
-    /// the file mapped over those pages (private, read-only), a mapping drops its resident
-    /// pages. The bytes then take no memory until read, and read the same as long as the file
-    /// is not changed meanwhile (the contract of any mapped file). For a caller that keeps its
-    /// own form of them (the runner's re-laid `t5` rows). Returns the bytes given back: 0 for
-    /// an owned copy, off Linux, or where the OS refuses (the memory then stays as it was).
+    /// the file mapped over those pages (private, read-only), if the file there is still the
+    /// one it was read from, unchanged ([`FileStamp`]); a mapping drops its resident pages.
+    /// The bytes then take no memory until read, and read the same as long as the file is not
+    /// changed afterwards (the contract of any mapped file). For a caller that keeps its own
+    /// form of them (the runner's re-laid `t5` rows). Returns the bytes given back: 0 for an
+    /// owned copy, off Linux, for a changed file, or where the OS refuses (the memory then
+    /// stays as it was).
     pub fn release(&self, path: &Path, range: std::ops::Range<usize>) -> usize {
         #[cfg(target_os = "linux")]
         {
@@ -313,7 +348,8 @@ impl Storage {
                     };
                     r.map_or(0, |()| len)
                 }
-                Storage::Memory(m) => remap_from_file(m, path, start, len),
+                Storage::Memory(m, Some(stamp)) => remap_from_file(m, *stamp, path, start, len),
+                Storage::Memory(_, None) => 0,
                 Storage::Owned(_) => 0,
             }
         }
@@ -328,7 +364,7 @@ impl Storage {
     pub fn kind(&self) -> &'static str {
         match self {
             Storage::Mapped(_) => "mapped",
-            Storage::Memory(_) => "memory",
+            Storage::Memory(..) => "memory",
             Storage::Owned(_) => "owned",
         }
     }
@@ -336,23 +372,20 @@ impl Storage {
 
 /// [`Storage::release`] of an in-memory copy: bytes `start..start + len` (whole pages) of `m`,
 /// which were read from the file at `path` at the same offsets, replaced by a private
-/// read-only mapping of that file. The file is mapped first wherever the OS likes, so that a
-/// file system that cannot map files, or a file now too short, leaves `m` untouched; then
-/// the mapping moves onto the copy's pages in one `mremap`. Returns `len`, or 0 if nothing
-/// changed.
+/// read-only mapping of that file. A file at `path` whose [`FileStamp`] is not `stamp` (another
+/// file, or this one changed since) leaves `m` untouched, as does a file system that cannot
+/// map files: the file is mapped first wherever the OS likes, then the mapping moves onto the
+/// copy's pages in one `mremap`. Returns `len`, or 0 if nothing changed.
 #[cfg(target_os = "linux")]
-fn remap_from_file(m: &Mmap, path: &Path, start: usize, len: usize) -> usize {
+fn remap_from_file(m: &Mmap, stamp: FileStamp, path: &Path, start: usize, len: usize) -> usize {
     use std::os::fd::AsRawFd;
     let Ok(file) = crate::fsio::open_regular(path) else {
         return 0;
     };
-    let long_enough = file
-        .metadata()
-        .is_ok_and(|meta| meta.len() >= (start + len) as u64);
     let Ok(offset) = libc::off_t::try_from(start) else {
         return 0;
     };
-    if !long_enough {
+    if FileStamp::of(&file) != Some(stamp) || stamp.len < (start + len) as u64 {
         return 0;
     }
     // SAFETY: a new private read-only mapping of the open file, where the OS picks.
@@ -932,6 +965,31 @@ mod tests {
             // Out of range, or within one page: nothing to give back.
             assert_eq!(storage.release(&path, 0..bytes.len() + 1), 0, "{kind}");
             assert_eq!(storage.release(&path, 10..4000), 0, "{kind}");
+        }
+    }
+
+    /// An in-memory copy is not replaced by a file that changed since it was read, nor by
+    /// another file at its path: its bytes stay the ones read.
+    #[test]
+    fn a_changed_file_is_not_mapped_over_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        let bytes = vec![7u8; 1 << 20];
+        for change in ["rewrite", "replace"] {
+            std::fs::write(&path, &bytes).unwrap();
+            let storage = Storage::read_into_memory(&path).unwrap();
+            assert_eq!(storage.kind(), "memory");
+            let other = vec![9u8; 1 << 20];
+            if change == "rewrite" {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::fs::write(&path, &other).unwrap();
+            } else {
+                let new = dir.path().join("g.bin");
+                std::fs::write(&new, &other).unwrap();
+                std::fs::rename(&new, &path).unwrap();
+            }
+            assert_eq!(storage.release(&path, 0..bytes.len()), 0, "{change}");
+            assert_eq!(&storage[..], &bytes[..], "{change}");
         }
     }
 }
