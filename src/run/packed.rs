@@ -32,9 +32,9 @@ pub struct TernaryLinear<'a> {
     pub scale: f32,
     /// The quantizer of the input (int8 or int4 per token, or none).
     pub act: ActQuant,
-    /// The rows re-laid in tiles for the table-lookup kernel ([`super::tiles`]), which decodes
-    /// one token at a time: made at load for `t5` projections with quantized inputs, where the
-    /// CPU runs that kernel.
+    /// The rows re-laid in tiles for the table-lookup kernels ([`super::tiles`]), which then run
+    /// every token of this projection, prompts and decoding alike: made at load for `t5`
+    /// projections with quantized inputs, where the CPU runs those kernels.
     pub tiles: Option<T5Tiles>,
 }
 
@@ -520,7 +520,7 @@ mod tests {
                     want.iter()
                         .zip(&got)
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{} n={n}",
+                    "{} rows={rows} n={n}",
                     act.name()
                 );
             }
