@@ -154,8 +154,7 @@ pub struct T5Tiles {
 }
 
 /// The lines of a [`T5Tiles`]: anonymous memory on transparent huge pages where the OS allows
-/// (as the file's weights are read, see `Storage::read_into_memory`: a decoded token streams
-/// every line, and 4 KiB pages cost it a TLB miss every 64 lines), else a vector.
+/// (as the file's weights are read: a decoded token streams every line), else a vector.
 enum Lines {
     Mapped(memmap2::MmapMut, usize),
     Vec(Vec<Line<u16>>),
@@ -164,15 +163,8 @@ enum Lines {
 impl Lines {
     fn new(len: usize) -> Lines {
         let bytes = len * std::mem::size_of::<Line<u16>>();
-        match memmap2::MmapOptions::new().len(bytes.max(1)).map_anon() {
-            Ok(m) => {
-                #[cfg(target_os = "linux")]
-                {
-                    // Only a hint: without huge pages the lines are still right.
-                    let _ = m.advise(memmap2::Advice::HugePage);
-                }
-                Lines::Mapped(m, len)
-            }
+        match crate::format::reader::anonymous_huge(bytes) {
+            Ok(m) => Lines::Mapped(m, len),
             Err(_) => Lines::Vec(vec![Line([0; TILE_ROWS]); len]),
         }
     }
