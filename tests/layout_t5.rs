@@ -43,7 +43,7 @@ fn logits(bpk: &Path, tokens: &str) -> String {
 }
 
 /// Decoding a token at a time (where the runner takes `t5` rows through its table-lookup
-/// kernel on CPUs with AVX-512 BW, and prompts through its multi-token path) gives the same
+/// kernel in the `avx512` build, and prompts through its multi-token path) gives the same
 /// logits from both files, bit for bit, at every step.
 fn decoding_steps_agree(i2: &Path, t5: &Path, what: &str) {
     use bitnet_pack::format::BpkFile;

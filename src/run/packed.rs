@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::RunError;
 use super::assemble::{Parts, assemble};
 use super::kernels::{
-    DECODE_ROWS, TILE, dot, dot_multi_rows, dot_rows, dot_small, dot_trits_f32, padded_len,
+    DECODE_ROWS, Isa, TILE, dot, dot_multi_rows, dot_rows, dot_small, dot_trits_f32, padded_len,
 };
 use super::model::{FloatMatrix, Linear, MatrixType, Transformer};
 use super::plan::QuantPlan;
@@ -34,7 +34,7 @@ pub struct TernaryLinear<'a> {
     pub act: ActQuant,
     /// The rows re-laid in tiles for the table-lookup kernels ([`super::tiles`]), which then run
     /// every token of this projection, prompts and decoding alike: made at load for `t5`
-    /// projections with quantized inputs, where the CPU runs those kernels.
+    /// projections with quantized inputs, in the `avx512` build ([`Isa::active`]).
     pub tiles: Option<T5Tiles>,
 }
 
@@ -435,14 +435,16 @@ impl<'a> Parts<'a> for FileParts<'a> {
         })?;
         let (rows, k) = (e.shape[0] as usize, e.shape[1] as usize);
         let (data, row_bytes) = (self.file.stored(e), layout.row_bytes(k));
-        let tiles =
-            (layout == TernaryLayout::T5 && act.is_quantized() && tiles::available()).then(|| {
-                let t = T5Tiles::from_t5(data, row_bytes, rows, k);
-                // The runner reads these rows from the tiles only: their memory in the file's
-                // copy goes back to the OS (they stay readable, from the file).
-                self.file.release(e);
-                t
-            });
+        // The tiles belong to the avx512 build: `BITNET_PACK_KERNELS` naming another keeps
+        // `t5` rows on that build's kernels.
+        let tiled = Isa::active() == Isa::Avx512 && tiles::available();
+        let tiles = (layout == TernaryLayout::T5 && act.is_quantized() && tiled).then(|| {
+            let t = T5Tiles::from_t5(data, row_bytes, rows, k);
+            // The runner reads these rows from the tiles only: their memory in the file's
+            // copy goes back to the OS (they stay readable, from the file).
+            self.file.release(e);
+            t
+        });
         Ok(TernaryLinear {
             layout,
             rows,
