@@ -10,6 +10,7 @@ pub mod model;
 pub mod packed;
 pub mod plan;
 pub mod source;
+pub mod team;
 pub mod tiles;
 
 use std::path::PathBuf;
