@@ -24,6 +24,19 @@ pub trait Linear: Sync {
     fn in_dim(&self) -> usize;
     fn out_dim(&self) -> usize;
     fn forward(&self, x: &[f32], n: usize, y: &mut [f32]);
+
+    /// Several projections of the same input (q, k and v; gate and up): `ys[i]` gets
+    /// `parts[i]`'s output, the same values [`Linear::forward`] gives. One after the other
+    /// here; an implementation may share the work (one quantization of the input, one
+    /// parallel section for all their rows).
+    fn forward_shared(parts: &[&Self], x: &[f32], n: usize, ys: &mut [Vec<f32>])
+    where
+        Self: Sized,
+    {
+        for (p, y) in parts.iter().zip(ys) {
+            p.forward(x, n, y);
+        }
+    }
 }
 
 /// How a [`FloatMatrix`] stores its elements.
@@ -94,11 +107,15 @@ impl FloatMatrix<'_> {
         let (rows, cols) = (self.rows, self.cols);
         let row_bytes = self.ty.row_bytes(cols);
         if n == 1 {
-            y[..rows]
-                .par_iter_mut()
-                .zip(self.bytes.par_chunks(row_bytes))
-                .with_min_len(64)
-                .for_each(|(o, w)| *o = self.dot(w, &x[..cols]));
+            // Runs of rows for the decoding team (super::team): a few microseconds each.
+            const RUN: usize = 128;
+            let mut runs: Vec<&mut [f32]> = y[..rows].chunks_mut(RUN).collect();
+            super::team::for_each_mut(&mut runs, |c, yc| {
+                let w = &self.bytes[c * RUN * row_bytes..];
+                for (o, w) in yc.iter_mut().zip(w.chunks_exact(row_bytes)) {
+                    *o = self.dot(w, &x[..cols]);
+                }
+            });
             return;
         }
         let mut yt = vec![0f32; rows * n];
@@ -833,6 +850,25 @@ fn project<L: Linear>(
     y
 }
 
+/// [`project`] for several projections of the same input, shared through
+/// [`Linear::forward_shared`] when none of their sites has an online transform.
+fn project_shared<L: Linear, const P: usize>(
+    parts: [(&L, Site, Option<&Hadamard>); P],
+    x: &[f32],
+    n: usize,
+    probe: &mut dyn Probe,
+) -> [Vec<f32>; P] {
+    if parts.iter().any(|(_, _, online)| online.is_some()) {
+        return parts.map(|(lin, site, online)| project(lin, site, x, n, online, probe));
+    }
+    let mut ys = parts.map(|(lin, _, _)| vec![0f32; n * lin.out_dim()]);
+    L::forward_shared(&parts.map(|(lin, _, _)| lin), x, n, &mut ys);
+    for ((_, site, _), y) in parts.iter().zip(&ys) {
+        probe.projection(*site, x, y);
+    }
+    ys
+}
+
 impl<L: Linear> Transformer<'_, L> {
     /// Runs `tokens` at the positions after those in `cache`, appending to the cache.
     pub fn forward(
@@ -969,32 +1005,18 @@ impl<L: Linear> Transformer<'_, L> {
             self.config.rms_norm_eps as f32,
             &mut normed,
         );
-        (
-            project(
-                &b.q,
-                site(Role::QProj),
-                &normed,
-                n,
-                online(Role::QProj),
-                probe,
-            ),
-            project(
-                &b.k,
-                site(Role::KProj),
-                &normed,
-                n,
-                online(Role::KProj),
-                probe,
-            ),
-            project(
-                &b.v,
-                site(Role::VProj),
-                &normed,
-                n,
-                online(Role::VProj),
-                probe,
-            ),
-        )
+        let part = |lin, role| (lin, site(role), online(role));
+        let [q, k, v] = project_shared(
+            [
+                part(&b.q, Role::QProj),
+                part(&b.k, Role::KProj),
+                part(&b.v, Role::VProj),
+            ],
+            &normed,
+            n,
+            probe,
+        );
+        (q, k, v)
     }
 
     /// The rest of the attention half of block `layer` from the q, k and v projections' outputs:
@@ -1044,7 +1066,7 @@ impl<L: Linear> Transformer<'_, L> {
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
         let mut out = vec![0f32; n * qd];
-        out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        let head_output = |i: usize, o: &mut [f32]| {
             let (t, head) = (i / nh, i % nh);
             let kvh = head / group;
             let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
@@ -1059,7 +1081,16 @@ impl<L: Linear> Transformer<'_, L> {
                 *s /= sum;
             }
             state.weighted_sum(&scores, kvh, o);
-        });
+        };
+        // One token's heads on the decoding team (super::team); a prompt's on rayon.
+        if n == 1 {
+            let mut heads: Vec<&mut [f32]> = out.chunks_mut(hd).collect();
+            super::team::for_each_mut(&mut heads, |i, o| head_output(i, o));
+        } else {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, o)| head_output(i, o));
+        }
         if let Some(w) = &b.attn_sub_norm {
             let mut s = vec![0f32; n * qd];
             rms_norm(&out, w, eps, &mut s);
@@ -1078,20 +1109,11 @@ impl<L: Linear> Transformer<'_, L> {
         let online = |role| self.plan.online_of(layer, role);
         let mut normed = vec![0f32; x.len()];
         rms_norm(x, &b.ffn_norm, eps, &mut normed);
-        let mut g = project(
-            &b.gate,
-            site(Role::GateProj),
+        let part = |lin, role| (lin, site(role), online(role));
+        let [mut g, u] = project_shared(
+            [part(&b.gate, Role::GateProj), part(&b.up, Role::UpProj)],
             &normed,
             n,
-            online(Role::GateProj),
-            probe,
-        );
-        let u = project(
-            &b.up,
-            site(Role::UpProj),
-            &normed,
-            n,
-            online(Role::UpProj),
             probe,
         );
         let act = cfg.hidden_act;
