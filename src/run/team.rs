@@ -84,8 +84,13 @@ struct Shared {
     /// (rows of a matrix, heads of a kv head) stay on one thread, and a claim is an add on a
     /// cache line that only its owner uses until the end of the job.
     blocks: Vec<Block>,
-    /// Helpers that have not finished the current job.
-    pending: AtomicUsize,
+    /// The generation of the job helpers may still join, 0 once its caller has closed it.
+    open: AtomicUsize,
+    /// Helpers inside a job (joined and not finished). A helper joins by counting itself
+    /// here, then checking `open`; the caller closes the job, then waits for this to reach
+    /// 0. So a helper that has not started (descheduled on a busy machine) never holds the
+    /// caller up, and one that joins late finds the job closed and leaves without touching it.
+    active: AtomicUsize,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     /// Helpers parked on `wake`, and the lock that orders parking with new jobs.
     parked: AtomicUsize,
@@ -94,8 +99,8 @@ struct Shared {
 }
 
 // SAFETY: `job` is written only by the caller holding the team (`Team::busy`) while no helper
-// reads it, and read by helpers only between the generation they see and their `pending`
-// decrement, which the caller waits for before it writes again.
+// is inside a job, and read by helpers only inside one (counted in `active`, the job found
+// open), which the caller waits out before it writes again.
 unsafe impl Sync for Shared {}
 // SAFETY: as above; the closure behind `job.f` is `Sync`.
 unsafe impl Send for Shared {}
@@ -146,7 +151,8 @@ impl Team {
                 f: &nothing as &(dyn Fn(usize) + Sync),
             }),
             blocks: (0..=helpers).map(|_| Block::default()).collect(),
-            pending: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             panic: Mutex::new(None),
             parked: AtomicUsize::new(0),
             lock: Mutex::new(()),
@@ -169,9 +175,10 @@ impl Team {
 impl Claimed {
     fn run(&self, count: usize, f: &(dyn Fn(usize) + Sync)) {
         let s = &*self.0.shared;
-        // SAFETY: every helper finished the previous job (`pending` reached 0 before the last
-        // `run` returned), so none reads `job` now. The lifetime of `f` is erased: `run`
-        // waits below, also when `f` panics on this thread, until no helper can call it.
+        // SAFETY: no helper is inside a job (`active` reached 0 after the last job closed) and
+        // none can join one before `open` names the next, so none reads `job` now. The
+        // lifetime of `f` is erased: `run` closes the job and waits below, also when `f`
+        // panics on this thread, until no helper can call it.
         unsafe {
             let f: *const (dyn Fn(usize) + Sync + '_) = f;
             *s.job.get() = Job {
@@ -188,19 +195,21 @@ impl Claimed {
         }
         // A helper's panic left over from a job whose caller panicked too.
         s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
-        s.pending.store(self.0.helpers, Ordering::Relaxed);
-        s.generation.fetch_add(1, Ordering::SeqCst);
+        let generation = s.generation.load(Ordering::Relaxed) + 1;
+        s.open.store(generation, Ordering::SeqCst);
+        s.generation.store(generation, Ordering::SeqCst);
         if s.parked.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        /// Waits for the helpers when dropped, so that `f` outlives their calls even if this
-        /// thread's share panics.
+        /// Closes the job and waits for the helpers inside it when dropped, so that `f`
+        /// outlives their calls even if this thread's share panics.
         struct Wait<'a>(&'a Shared);
         impl Drop for Wait<'_> {
             fn drop(&mut self) {
+                self.0.open.store(0, Ordering::SeqCst);
                 let mut spins = 0u32;
-                while self.0.pending.load(Ordering::Acquire) > 0 {
+                while self.0.active.load(Ordering::SeqCst) > 0 {
                     spins = spins.wrapping_add(1);
                     if spins % 64 == 0 {
                         std::thread::yield_now();
@@ -247,8 +256,8 @@ fn claim_all(s: &Shared, f: &(dyn Fn(usize) + Sync), own: usize) {
     }
 }
 
-/// A helper's loop: runs each job once, from generation 1 on (the team starts at 0, and the
-/// first job may be published before this thread runs).
+/// A helper's loop: joins each job it sees open, from generation 1 on (the team starts at 0,
+/// and the first job may be published before this thread runs).
 fn helper(s: &Shared, own: usize) {
     let mut seen = 0;
     loop {
@@ -269,20 +278,25 @@ fn helper(s: &Shared, own: usize) {
                 std::hint::spin_loop();
             }
         }
-        seen = s.generation.load(Ordering::Acquire);
-        // SAFETY: the caller wrote `job` before bumping the generation just seen, and keeps it
-        // (and the closure behind it) until `pending` reaches 0 below.
-        let f = unsafe { &*(*s.job.get()).f };
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim_all(s, f, own)));
-        if let Err(p) = result {
-            // The other threads stop claiming; the caller re-raises the panic.
-            for b in &s.blocks {
-                b.next.store(usize::MAX / 2, Ordering::Relaxed);
+        seen = s.generation.load(Ordering::SeqCst);
+        s.active.fetch_add(1, Ordering::SeqCst);
+        if s.open.load(Ordering::SeqCst) == seen {
+            // SAFETY: the caller wrote `job` before opening this generation, and keeps it (and
+            // the closure behind it) until this thread leaves `active` below: it closes the
+            // job before it reads `active`, and this thread counted itself before it found
+            // the job open.
+            let f = unsafe { &*(*s.job.get()).f };
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| claim_all(s, f, own)));
+            if let Err(p) = result {
+                // The other threads stop claiming; the caller re-raises the panic.
+                for b in &s.blocks {
+                    b.next.store(usize::MAX / 2, Ordering::Relaxed);
+                }
+                *s.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
             }
-            *s.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         }
-        s.pending.fetch_sub(1, Ordering::Release);
+        s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -362,6 +376,21 @@ mod tests {
             }
         });
         assert_eq!(total.load(Ordering::Relaxed), 4 * 50 * 16);
+    }
+
+    /// Many more threads than cores, each helper spinning: every job still completes, and a
+    /// helper descheduled past a job's end leaves it alone.
+    #[test]
+    fn oversubscribed_teams_finish_every_job() {
+        in_pool(16, || {
+            let total = AtomicUsize::new(0);
+            for _ in 0..300 {
+                for_each(40, |_| {
+                    total.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            assert_eq!(total.load(Ordering::Relaxed), 300 * 40);
+        });
     }
 
     #[test]
