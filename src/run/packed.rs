@@ -194,9 +194,10 @@ impl Linear for TernaryLinear<'_> {
 
 /// One token through the table-lookup kernel of one or more projections of the same input
 /// (`parts`: tiles and output factor; `ys`: their outputs): runs of tiles (a group at a time,
-/// each table load serving the group's tiles) of every part spread over the workers. Each worker builds the token's
-/// tables itself, in its own cache, on its first run of the call: 1.5 ms a token faster on
-/// the 2B4T shapes than tables built once and read from the other core's cache.
+/// each table load serving the group's tiles) of every part spread over the workers. Each
+/// worker builds the token's tables itself, in its own cache, on its first run of the call:
+/// 1.5 ms a token faster on the 2B4T shapes than tables built once and read from the other
+/// core's cache.
 fn forward_tiles(parts: &[(&T5Tiles, f32)], q: &[i8], ys: &mut [&mut [f32]]) {
     let call = new_call();
     let k = parts[0].0.k();

@@ -68,9 +68,9 @@ impl<T> SharedPtr<T> {
     }
 }
 
-/// The job of the current section: `f`, its lifetime erased (the indices are in `blocks`). Written by
-/// the caller while no helper runs (all finished the previous job), read by helpers after
-/// they see the new generation.
+/// The job of the current section: `f`, its lifetime erased (the indices are in `blocks`).
+/// Written by the caller while no helper is inside a job, read by helpers that joined it while
+/// it was open (see `Shared::active`).
 struct Job {
     f: *const (dyn Fn(usize) + Sync),
 }
@@ -210,11 +210,8 @@ impl Claimed {
                 self.0.open.store(0, Ordering::SeqCst);
                 let mut spins = 0u32;
                 while self.0.active.load(Ordering::SeqCst) > 0 {
-                    spins = spins.wrapping_add(1);
-                    if spins % 64 == 0 {
+                    if pause(&mut spins) {
                         std::thread::yield_now();
-                    } else {
-                        std::hint::spin_loop();
                     }
                 }
             }
@@ -267,15 +264,12 @@ fn helper(s: &Shared, own: usize) {
             if s.generation.load(Ordering::Acquire) != seen {
                 break;
             }
-            spins = spins.wrapping_add(1);
-            if spins % 64 == 0 {
+            if pause(&mut spins) {
                 if since.elapsed() > SPIN {
                     park(s, seen);
                 } else {
                     std::thread::yield_now();
                 }
-            } else {
-                std::hint::spin_loop();
             }
         }
         seen = s.generation.load(Ordering::SeqCst);
@@ -298,6 +292,18 @@ fn helper(s: &Shared, own: usize) {
         }
         s.active.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// One round of a busy wait: a CPU pause hint, except every 64th round, for which it returns
+/// true and the caller gives the core away (`yield_now`) or parks, so that more spinning
+/// threads than cores still let the working ones run.
+fn pause(spins: &mut u32) -> bool {
+    *spins = spins.wrapping_add(1);
+    if *spins % 64 == 0 {
+        return true;
+    }
+    std::hint::spin_loop();
+    false
 }
 
 /// Sleeps until the generation moves past `seen`.
