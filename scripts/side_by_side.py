@@ -389,6 +389,21 @@ def file_huge_pages_gb() -> float | None:
         return None
 
 
+def memcpy_gb_s(bp: Path, bpk: Path) -> float | None:
+    """The machine's memory-copy rate in GB/s, as `bitnet-pack bench` measures it (best of five
+    copies of 1 GiB, one thread). It tells the machine's states apart: on the benchmark VM it
+    moved by a factor of two between days, and the runtime figures with it.
+    """
+    cmd = [str(bp), "bench", str(bpk), "--prompt-tokens", "1", "--gen-tokens", "1",
+           "--threads", "1", "--json"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        value = json.loads(out.stdout).get("memcpy_gb_per_s")
+        return float(value) if value is not None else None
+    except (OSError, ValueError, TypeError, subprocess.TimeoutExpired):
+        return None
+
+
 def machine_info() -> dict:
     cpu, flags = "unknown", set()
     try:
@@ -423,6 +438,12 @@ def huge_text(machine: dict) -> str:
     if a is None or b is None:
         return "not reported by this OS"
     return f"{a:.2f} GB at the start, {b:.2f} GB at the end"
+
+
+def memcpy_text(machine: dict) -> str:
+    a, b = machine.get("memcpy_gb_s_start"), machine.get("memcpy_gb_s_end")
+    show = lambda v: "not measured" if v is None else f"{v:.1f} GB/s"
+    return f"{show(a)} before the runtime runs, {show(b)} after them"
 
 
 def git_rev() -> str:
@@ -567,7 +588,9 @@ def main() -> int:
     bp = ensure_bitnet_pack(a)
     versions["bitnet_pack"] = subprocess.run([str(bp), "--version"], capture_output=True,
                                              text=True).stdout.strip()
-    versions["bitnet_pack_git"] = git_rev()
+    # The repository's state describes the binary only when it is the repository's build.
+    own_build = bp == (REPO / "target/release/bitnet-pack").resolve()
+    versions["bitnet_pack_git"] = git_rev() if own_build else "a binary given with --bitnet-pack"
     machine = machine_info()
     ckpt = ensure_checkpoint(a)
     sources = checkpoint_files(ckpt)
@@ -620,6 +643,7 @@ def main() -> int:
         if t["role"] == "embedding":
             bemb = t["encoding"]
 
+    machine["memcpy_gb_s_start"] = memcpy_gb_s(bp, bpk_path)
     bench: dict[str, dict[str, list]] = {}
     for th in a.thread_list:
         llama_cmd = self_cmd(a.python, "_llama-bench", gguf_path, th, a.prompt_tokens, a.gen_tokens, SEED,
@@ -646,6 +670,7 @@ def main() -> int:
 
     machine["loadavg_end"] = os.getloadavg()
     machine["file_huge_pages_gb_end"] = file_huge_pages_gb()
+    machine["memcpy_gb_s_end"] = memcpy_gb_s(bp, bpk_path)
     # --- report ------------------------------------------------------------------------------
     rows = []
     if not a.skip_convert:
@@ -714,6 +739,8 @@ def main() -> int:
         f"{'GNU time' if use_time else 'wait4 rusage'}. Page cache in huge folios "
         f"(`FileHugePages`): {huge_text(machine)}, beside {source_bytes / 1e9:.2f} GB of "
         "checkpoint (mapping 4 KiB pages costs bitnet-pack's conversion up to 1 s of system time).",
+        f"- Memory copy (`bitnet-pack bench`: best of five copies of 1 GiB, one thread): "
+        f"{memcpy_text(machine)}.",
         f"- Machine: {machine['cpu']}, {machine['cpus']} CPUs ({machine['cpus_usable']} usable), "
         f"{machine['ram_gib']} GiB RAM; avx2 {'yes' if fl['avx2'] else 'no'}, avx512f "
         f"{'yes' if fl['avx512f'] else 'no'}, avx512_vnni {'yes' if fl['avx512_vnni'] else 'no'}, "
