@@ -43,7 +43,10 @@ What is measured:
       only) and decode is M greedy tokens one at a time (median per-token time; the argmax is
       outside the timer, as in `bitnet-pack bench`). Prompt ids: random < vocab, fixed seed.
     - bitnet-pack: `bitnet-pack bench X.bpk --prompt-tokens N --gen-tokens M --threads T
-      --json --no-memcpy` (loads and validates everything before timing; no warm-up needed).
+      --json --no-memcpy` (loads and validates everything before timing; no warm-up needed);
+  * the machine's state: page cache in huge folios (`FileHugePages`) at the start and the end,
+    and the memory-copy rate (`bitnet-pack bench`, one thread) before and after the runtime
+    runs.
 
 The synthetic checkpoint has no tokenizer and uses 2B4T's tensor names, neither of which
 upstream's converter handles for BitNetForCausalLM. The llama.cpp converter is therefore run
