@@ -102,10 +102,13 @@ fn sweep_tiles(t: &tiles::T5Tiles, q: &[i8], (reps, inner): (usize, usize)) -> (
             for first in (0..t.tiles()).step_by(t.group()) {
                 let mut dots = [[0i32; tiles::TILE_ROWS]; tiles::GROUP_TILES];
                 tiles::dot_group(t, first, &tables, &mut dots);
+                // Only the matrix's rows: the padding rows of a short last group hold zero
+                // bytes, which are not zero weights.
                 acc += dots
                     .iter()
                     .take(t.group())
                     .flatten()
+                    .take(t.rows() - first * tiles::TILE_ROWS)
                     .map(|&v| i64::from(v))
                     .sum::<i64>();
             }
@@ -152,7 +155,6 @@ fn main() {
         eps: ACTIVATION_EPS,
     };
     for k in [2560usize, 6912] {
-        // Whole groups of tiles, so that the table-lookup kernel's sums cover the same rows.
         let rows_streamed = (mib << 20) / TernaryLayout::I2.row_bytes(k) / 128 * 128;
         for (regime, rows, reps) in [
             ("cached", 64, (reps, 500)),
