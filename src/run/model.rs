@@ -249,6 +249,92 @@ fn weighted_sum_body(weights: &[f32], rows: &[f32], stride: usize, out: &mut [f3
     }
 }
 
+/// [`scaled_dots`] for several queries against the same rows: `qs` holds `m` queries of `len`
+/// values one after another, `out` holds `m` runs of scores (`out[j * count + p]` for query
+/// `j` and row `p`), each equal bit for bit to [`scaled_dots`] of that query. The query heads
+/// of a kv group read each key once, not once per head.
+pub fn scaled_dots_heads(
+    qs: &[f32],
+    len: usize,
+    rows: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let m = qs.len().checked_div(len).unwrap_or(0);
+    assert!(
+        m > 0 && m * len == qs.len() && out.len() % m == 0,
+        "{m} queries of {len}"
+    );
+    let count = out.len() / m;
+    assert!(rows_hold(rows, count, stride, len));
+    if count == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: the CPU supports AVX-512 F (checked just above); lengths asserted.
+        match m {
+            2 => unsafe { avx512::scaled_dots::<2>(qs, len, rows, stride, scale, out) },
+            4 => unsafe { avx512::scaled_dots::<4>(qs, len, rows, stride, scale, out) },
+            _ => {
+                for (q, o) in qs.chunks_exact(len).zip(out.chunks_exact_mut(count)) {
+                    unsafe { avx512::scaled_dots::<1>(q, len, rows, stride, scale, o) };
+                }
+            }
+        }
+        return;
+    }
+    for (q, o) in qs.chunks_exact(len).zip(out.chunks_exact_mut(count)) {
+        scaled_dots(q, rows, stride, scale, o);
+    }
+}
+
+/// [`weighted_sum`] for several sets of weights over the same rows: `weights` holds `m` runs of
+/// `count` weights, `out` `m` outputs of `len` values one after another, each equal bit for bit
+/// to [`weighted_sum`] of its weights. Each row is read once for all `m`.
+pub fn weighted_sums_heads(
+    weights: &[f32],
+    count: usize,
+    rows: &[f32],
+    stride: usize,
+    out: &mut [f32],
+) {
+    let m = weights.len().checked_div(count).unwrap_or(0);
+    assert!(m * count == weights.len(), "weights of {count} rows");
+    if m == 0 {
+        out.fill(0.0);
+        return;
+    }
+    assert!(out.len() % m == 0, "{m} outputs");
+    let len = out.len() / m;
+    assert!(rows_hold(rows, count, stride, len));
+    #[cfg(target_arch = "x86_64")]
+    if use_avx512() {
+        // SAFETY: the CPU supports AVX-512 F (checked just above); lengths asserted.
+        match m {
+            2 => unsafe { avx512::weighted_sums::<2>(weights, count, rows, stride, out) },
+            4 => unsafe { avx512::weighted_sums::<4>(weights, count, rows, stride, out) },
+            _ => {
+                for (w, o) in weights.chunks_exact(count).zip(out.chunks_exact_mut(len)) {
+                    unsafe { avx512::weighted_sums::<1>(w, count, rows, stride, o) };
+                }
+            }
+        }
+        return;
+    }
+    for (w, o) in weights.chunks_exact(count).zip(out.chunks_exact_mut(len)) {
+        weighted_sum(w, rows, stride, o);
+    }
+}
+
+/// Whether the attention kernels take their AVX-512 build: the `avx512` kernels are in use
+/// ([`super::kernels::Isa::active`], which `BITNET_PACK_KERNELS` can lower).
+#[cfg(target_arch = "x86_64")]
+fn use_avx512() -> bool {
+    super::kernels::Isa::active() == super::kernels::Isa::Avx512
+}
+
 /// `sum_c decode(w[c]) * x[c]` straight from a stored row of `dtype` elements: equal, bit for
 /// bit, to decoding the row with [`decode_f32`] and calling [`dot_f32`], without the
 /// intermediate buffer (the head of a 2B4T model is 656 MB of bf16 read once per token).
@@ -463,6 +549,167 @@ mod avx2 {
             .map(|(b, v)| super::bf16_at(b, 0) * v);
         // SAFETY: the CPU supports AVX2 (this function's contract).
         unsafe { reduce(acc, tail) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512 builds of the attention kernels, for several query heads at once. The dots keep
+    //! the 32 partial sums of [`super::dot_f32`] in two 16-wide vectors (lanes `0..16` and
+    //! `16..32`) and combine them in its order; the weighted sums keep up to 128 elements of
+    //! an output in registers over every row. Same operations, same order: equal bit for bit.
+    use std::arch::x86_64::*;
+
+    use super::DOT_LANES;
+
+    /// See [`super::scaled_dots_heads`] for `M` queries, whose length checks hold.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `qs` holds `M * len` values, `out` `M * count`, and
+    /// `rows` `count` rows of `len` values `stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scaled_dots<const M: usize>(
+        qs: &[f32],
+        len: usize,
+        rows: &[f32],
+        stride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let count = out.len() / M;
+        let full = len / DOT_LANES * DOT_LANES;
+        let q = qs.as_ptr();
+        for p in 0..count {
+            let row = &rows[p * stride..p * stride + len];
+            let r = row.as_ptr();
+            let mut lo = [_mm512_setzero_ps(); M];
+            let mut hi = [_mm512_setzero_ps(); M];
+            let mut e = 0;
+            while e < full {
+                // SAFETY: e + 32 <= full <= len: within the row and every query.
+                unsafe {
+                    let (k0, k1) = (_mm512_loadu_ps(r.add(e)), _mm512_loadu_ps(r.add(e + 16)));
+                    for j in 0..M {
+                        let qj = q.add(j * len + e);
+                        lo[j] = _mm512_add_ps(lo[j], _mm512_mul_ps(_mm512_loadu_ps(qj), k0));
+                        hi[j] =
+                            _mm512_add_ps(hi[j], _mm512_mul_ps(_mm512_loadu_ps(qj.add(16)), k1));
+                    }
+                }
+                e += DOT_LANES;
+            }
+            for j in 0..M {
+                let qj = &qs[j * len..(j + 1) * len];
+                let tail = qj[full..].iter().zip(&row[full..]).map(|(x, y)| x * y);
+                out[j * count + p] = reduce(lo[j], hi[j], tail) * scale;
+            }
+        }
+    }
+
+    /// [`super::reduce_lanes`] of the 32 partial sums in `lo` (lanes 0..16) and `hi` (16..32):
+    /// `i + 16`, then `+ 8`, `+ 4`, `+ 2`, `+ 1`, then the tail in order.
+    #[inline(always)]
+    fn reduce(lo: __m512, hi: __m512, tail: impl Iterator<Item = f32>) -> f32 {
+        // SAFETY: only inlined into this module's AVX-512 functions.
+        unsafe {
+            let s16 = _mm512_add_ps(lo, hi);
+            let s8 = _mm256_add_ps(
+                _mm512_castps512_ps256(s16),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s16))),
+            );
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
+            tail.fold(_mm_cvtss_f32(s1), |s, p| s + p)
+        }
+    }
+
+    /// See [`super::weighted_sums_heads`] for `M` sets of weights, whose length checks hold.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `weights` holds `M * count` values, `out` `M * len`,
+    /// and `rows` `count` rows of `len` values `stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn weighted_sums<const M: usize>(
+        weights: &[f32],
+        count: usize,
+        rows: &[f32],
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let len = out.len() / M;
+        let full = len / 16 * 16;
+        let mut start = 0;
+        // Accumulators and one row's stretch in registers: 8 vectors a head up to two heads,
+        // 4 for four (32 registers in all).
+        let wide = if M > 2 { 64 } else { 128 };
+        // SAFETY (both loops): the stretch `start..start + 16 V` lies within `full`.
+        while start + wide <= full {
+            if M > 2 {
+                unsafe { stretch::<M, 4>(weights, count, rows, stride, start, len, out) };
+            } else {
+                unsafe { stretch::<M, 8>(weights, count, rows, stride, start, len, out) };
+            }
+            start += wide;
+        }
+        while start < full {
+            unsafe { stretch::<M, 1>(weights, count, rows, stride, start, len, out) };
+            start += 16;
+        }
+        // The last few elements, in the portable order.
+        for j in 0..M {
+            let (w, o) = (
+                &weights[j * count..(j + 1) * count],
+                &mut out[j * len..(j + 1) * len],
+            );
+            let tail = &mut o[full..];
+            tail.fill(0.0);
+            for (p, &wp) in w.iter().enumerate() {
+                for (e, t) in tail.iter_mut().enumerate() {
+                    *t += wp * rows[p * stride + full + e];
+                }
+            }
+        }
+    }
+
+    /// Elements `start..start + 16 V` of each of the `M` outputs, in `M * V` registers over
+    /// every row.
+    ///
+    /// # Safety
+    /// As [`weighted_sums`], and `start + 16 V <= len`.
+    #[inline(always)]
+    unsafe fn stretch<const M: usize, const V: usize>(
+        weights: &[f32],
+        count: usize,
+        rows: &[f32],
+        stride: usize,
+        start: usize,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY (the intrinsics): only inlined into the AVX-512 build above.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); V]; M];
+            let base = rows.as_ptr().wrapping_add(start);
+            for p in 0..count {
+                let mut v = [_mm512_setzero_ps(); V];
+                for (i, slot) in v.iter_mut().enumerate() {
+                    // Row `p` holds `len` values from p * stride (the caller's contract).
+                    *slot = _mm512_loadu_ps(base.add(p * stride + 16 * i));
+                }
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*weights.get_unchecked(j * count + p));
+                    for (slot, &v) in acc.iter_mut().zip(&v) {
+                        *slot = _mm512_add_ps(*slot, _mm512_mul_ps(w, v));
+                    }
+                }
+            }
+            for (j, acc) in acc.iter().enumerate() {
+                for (i, slot) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(j * len + start + 16 * i), *slot);
+                }
+            }
+        }
     }
 }
 
@@ -708,6 +955,27 @@ impl KvView<'_> {
     /// `out = sum_p weights[p] * v_p` over the positions of `kv_head` that `weights` covers.
     pub fn weighted_sum(&self, weights: &[f32], kv_head: usize, out: &mut [f32]) {
         weighted_sum(weights, &self.v[kv_head], self.head_dim, out);
+    }
+
+    /// [`KvView::scores`] of the `qs.len() / head_dim` query heads of `qs` (one after another),
+    /// which share `kv_head`: `visible` scores per head, one head's after another's.
+    pub fn scores_heads(&self, qs: &[f32], kv_head: usize, visible: usize, scale: f32) -> Vec<f32> {
+        let hd = self.head_dim;
+        let mut out = vec![0f32; qs.len() / hd * visible];
+        scaled_dots_heads(qs, hd, &self.k[kv_head], hd, scale, &mut out);
+        out
+    }
+
+    /// [`KvView::weighted_sum`] of several heads' weights (`visible` each, one head's after
+    /// another's) into their outputs (`head_dim` each).
+    pub fn weighted_sums_heads(
+        &self,
+        weights: &[f32],
+        visible: usize,
+        kv_head: usize,
+        out: &mut [f32],
+    ) {
+        weighted_sums_heads(weights, visible, &self.v[kv_head], self.head_dim, out);
     }
 }
 
@@ -1066,30 +1334,43 @@ impl<L: Linear> Transformer<'_, L> {
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
         let mut out = vec![0f32; n * qd];
-        let head_output = |i: usize, o: &mut [f32]| {
-            let (t, head) = (i / nh, i % nh);
+        // Query heads go by sets of `together` (up to four) that share a kv head, whose keys
+        // and values are then read once per set. A decoded token's sets are the only work of
+        // the section, so they must split evenly over the threads: two of a group of four
+        // leave ten sets (2B4T's 20 heads) for two threads.
+        let threads = rayon::current_num_threads();
+        let together = [4, 2, 1]
+            .into_iter()
+            .find(|&m| group % m == 0 && (n > 1 || (nh / m) % threads == 0))
+            .unwrap_or(1);
+        let sets = nh / together;
+        let set_output = |i: usize, o: &mut [f32]| {
+            let (t, head) = (i / sets, i % sets * together);
             let kvh = head / group;
-            let qv = &q[t * qd + head * hd..t * qd + (head + 1) * hd];
-            let mut scores = state.scores(qv, kvh, start + t + 1, scale);
-            let m = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = exp_below_zero(*s - m);
-                sum += *s;
+            let visible = start + t + 1;
+            let qs = &q[t * qd + head * hd..t * qd + (head + together) * hd];
+            let mut scores = state.scores_heads(qs, kvh, visible, scale);
+            for scores in scores.chunks_exact_mut(visible) {
+                let m = scores.iter().fold(f32::NEG_INFINITY, |a, &s| a.max(s));
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = exp_below_zero(*s - m);
+                    sum += *s;
+                }
+                for s in scores.iter_mut() {
+                    *s /= sum;
+                }
             }
-            for s in scores.iter_mut() {
-                *s /= sum;
-            }
-            state.weighted_sum(&scores, kvh, o);
+            state.weighted_sums_heads(&scores, visible, kvh, o);
         };
         // One token's heads on the decoding team (super::team); a prompt's on rayon.
         if n == 1 {
-            let mut heads: Vec<&mut [f32]> = out.chunks_mut(hd).collect();
-            super::team::for_each_mut(&mut heads, |i, o| head_output(i, o));
+            let mut parts: Vec<&mut [f32]> = out.chunks_mut(together * hd).collect();
+            super::team::for_each_mut(&mut parts, |i, o| set_output(i, o));
         } else {
-            out.par_chunks_mut(hd)
+            out.par_chunks_mut(together * hd)
                 .enumerate()
-                .for_each(|(i, o)| head_output(i, o));
+                .for_each(|(i, o)| set_output(i, o));
         }
         if let Some(w) = &b.attn_sub_norm {
             let mut s = vec![0f32; n * qd];
@@ -1236,6 +1517,45 @@ mod tests {
                 scaled_dots(&q, &rows, stride, scale, &mut got);
                 let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
                 assert_eq!(got, want, "len {len} rows {count} stride {stride}");
+            }
+        }
+    }
+
+    /// Several heads' scores and weighted sums at once (the AVX-512 build where it runs, else
+    /// one head at a time) equal the portable loops of one head, bit for bit: one to four
+    /// heads, lengths around the 16- and 32-lane vectors and the 64- and 128-element
+    /// stretches, rows packed and strided, one row or none.
+    #[test]
+    fn heads_together_equal_one_head_at_a_time() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for m in 1usize..=4 {
+            for len in [1usize, 15, 16, 17, 31, 32, 33, 64, 100, 128, 130, 200, 256] {
+                for (count, slack) in [(0usize, 0usize), (1, 0), (7, 5), (150, 0), (40, 640)] {
+                    let stride = len + slack;
+                    let what = format!("{m} heads, len {len}, rows {count}, stride {stride}");
+                    let rows = values(count * stride, 3 + len as u32);
+                    let qs = values(m * len, 17 + m as u32);
+                    let scale = 1.0 / (len as f32).sqrt();
+                    let mut want = Vec::new();
+                    for q in qs.chunks_exact(len) {
+                        for p in 0..count {
+                            let r = &rows[p * stride..p * stride + len];
+                            want.push((dot_f32_body(q, r) * scale).to_bits());
+                        }
+                    }
+                    let mut got = vec![f32::NAN; m * count];
+                    scaled_dots_heads(&qs, len, &rows, stride, scale, &mut got);
+                    assert_eq!(bits(&got), want, "scores: {what}");
+
+                    let weights = values(m * count, 29 + count as u32);
+                    let mut want = vec![f32::NAN; m * len];
+                    for (j, o) in want.chunks_exact_mut(len).enumerate() {
+                        weighted_sum_body(&weights[j * count..(j + 1) * count], &rows, stride, o);
+                    }
+                    let mut got = vec![f32::NAN; m * len];
+                    weighted_sums_heads(&weights, count, &rows, stride, &mut got);
+                    assert_eq!(bits(&got), bits(&want), "weighted sums: {what}");
+                }
             }
         }
     }
