@@ -319,7 +319,10 @@ fn convert_inner(
         ternarize_busy_s: timings.ternarize.get().as_secs_f64(),
         float_busy_s: timings.float.get().as_secs_f64(),
         output_hash_busy_s: writer_times.hash.as_secs_f64(),
-        write_busy_s: writer_times.write.as_secs_f64(),
+        write_busy_s: writer_times
+            .write
+            .saturating_sub(timings.hashed_while_writing.get())
+            .as_secs_f64(),
         direct_io,
         finalize_s: finalize.as_secs_f64(),
         verify_export_s: verify_export.as_secs_f64(),
@@ -418,9 +421,23 @@ fn hash_and_write(
                 }
             });
         }
-        let written = write_tensors(
-            ckpt, jobs, rotation, writer, out, opts, &deferred, progress, timings,
-        );
+        // While the writer waits for the disk (the 656 MB embedding of 2B4T comes first and
+        // the disk takes about half a second for it), this worker hashes a window of a file
+        // the lanes do not hold at a time.
+        let hash_a_window = || {
+            let t = Instant::now();
+            let worked = hasher.help_step();
+            if worked {
+                timings.shard_hashed(t);
+                timings.hashed_while_writing.add(t.elapsed());
+            }
+            worked
+        };
+        let written = crate::fsio::direct::with_idle_work(&hash_a_window, || {
+            write_tensors(
+                ckpt, jobs, rotation, writer, out, opts, &deferred, progress, timings,
+            )
+        });
         if written.is_err() {
             cancel.store(true, Ordering::Relaxed);
         } else {

@@ -53,6 +53,9 @@ pub struct Timings {
     /// Float tensors (embedding, norms, head): checks for non-finite and overflowing values,
     /// re-encoding, compression, rotation.
     pub float: Busy,
+    /// Source hashing done by the tensors' worker while the writer waited for the disk: part
+    /// of `source_hash`, and taken out of the writer's own time.
+    pub hashed_while_writing: Busy,
 }
 
 impl Timings {

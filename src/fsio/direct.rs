@@ -17,6 +17,7 @@
 //! or `EINVAL` on the first write), the same positional writes go through the page cache
 //! instead: the file is the same either way.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
@@ -54,6 +55,56 @@ impl AlignedBuf {
         let len = self.len();
         // SAFETY: as in `bytes`; the borrow is unique through `&mut self`.
         unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), len) }
+    }
+}
+
+thread_local! {
+    /// What a [`DirectWriter`] on this thread does while it waits for the disk (see
+    /// [`with_idle_work`]).
+    static IDLE_WORK: Cell<Option<&'static IdleWork<'static>>> = const { Cell::new(None) };
+}
+
+/// A piece of work that returns whether it found something to do, short next to a buffer's
+/// write (a few milliseconds).
+pub type IdleWork<'a> = dyn Fn() -> bool + Sync + 'a;
+
+/// Runs `body` with `work` as what every [`DirectWriter`] on this thread does when it has to
+/// wait for the disk (all its buffers being written): `work` runs again and again until the
+/// write it waits for is done or `work` returns false, then the writer waits as before. A
+/// conversion gives its source hash here, so that the core it runs on is not idle while the
+/// disk writes the embedding.
+pub fn with_idle_work<'a, R>(work: &'a IdleWork<'a>, body: impl FnOnce() -> R) -> R {
+    /// Puts the previous work back when `body` returns or unwinds.
+    struct Restore(Option<&'static IdleWork<'static>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            IDLE_WORK.with(|w| w.set(self.0));
+        }
+    }
+    // SAFETY: only the lifetime is erased. The reference is stored in this thread's slot for
+    // the duration of `body` and taken out again by `Restore` before this function returns or
+    // unwinds, so it is never used after `work`'s borrow ends; other threads never see it.
+    let erased: &'static IdleWork<'static> =
+        unsafe { std::mem::transmute::<&'a IdleWork<'a>, &'static IdleWork<'static>>(work) };
+    let _restore = Restore(IDLE_WORK.with(|w| w.replace(Some(erased))));
+    body()
+}
+
+/// Runs one piece of this thread's idle work, if it has any; whether it did something.
+fn run_idle_work() -> bool {
+    // Taken out while it runs, so that a writer used inside it does not run it again.
+    match IDLE_WORK.with(|w| w.take()) {
+        Some(work) => {
+            struct Restore(&'static IdleWork<'static>);
+            impl Drop for Restore {
+                fn drop(&mut self) {
+                    IDLE_WORK.with(|w| w.set(Some(self.0)));
+                }
+            }
+            let _restore = Restore(work);
+            work()
+        }
+        None => false,
     }
 }
 
@@ -230,12 +281,20 @@ impl DirectWriter {
         Ok(())
     }
 
-    /// Waits for one write to finish; returns its buffer.
+    /// Waits for one write to finish; returns its buffer. Meanwhile it runs this thread's
+    /// idle work ([`with_idle_work`]), a piece at a time, until the write is done or there is
+    /// no work left.
     fn wait_one(&mut self) -> io::Result<AlignedBuf> {
-        let r = self
-            .from_io
-            .recv()
-            .map_err(|_| io::Error::other("the direct I/O thread stopped"))?;
+        use std::sync::mpsc::TryRecvError;
+        let stopped = || io::Error::other("the direct I/O thread stopped");
+        let r = loop {
+            match self.from_io.try_recv() {
+                Ok(r) => break r,
+                Err(TryRecvError::Disconnected) => return Err(stopped()),
+                Err(TryRecvError::Empty) if run_idle_work() => {}
+                Err(TryRecvError::Empty) => break self.from_io.recv().map_err(|_| stopped())?,
+            }
+        };
         self.in_flight -= 1;
         let (buf, direct) = r?;
         self.direct &= direct;
@@ -388,6 +447,47 @@ mod tests {
             first_diff, None,
             "direct {direct}, offset {offset}, total {total}"
         );
+    }
+
+    /// Idle work runs only inside its scope and on its thread, not inside itself, and is put
+    /// back after a panic; a writer waiting with idle work writes the same file.
+    #[test]
+    fn idle_work_is_scoped_to_its_thread_and_call() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        assert!(!run_idle_work(), "none outside a scope");
+        let calls = AtomicUsize::new(0);
+        let nested = AtomicUsize::new(0);
+        let work = || {
+            calls.fetch_add(1, Ordering::Relaxed);
+            // Not run again from inside itself.
+            if run_idle_work() {
+                nested.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        };
+        with_idle_work(&work, || {
+            assert!(run_idle_work());
+            assert!(run_idle_work());
+            std::thread::scope(|s| {
+                s.spawn(|| assert!(!run_idle_work(), "another thread has none"));
+            });
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+        assert_eq!(nested.load(Ordering::Relaxed), 0);
+        assert!(!run_idle_work(), "none after the scope");
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            with_idle_work(&work, || panic!("in the body"))
+        }));
+        assert!(caught.is_err());
+        assert!(!run_idle_work(), "none after a panic");
+        // Small buffers, so that the writer waits often; the work finds nothing to do half
+        // the time (then the writer blocks as before).
+        let rounds = AtomicUsize::new(0);
+        let some = || rounds.fetch_add(1, Ordering::Relaxed) % 2 == 0;
+        with_idle_work(&some, || {
+            round_trip(true, 100, 3 << 20, 8 * BLOCK);
+            round_trip(false, 0, 1 << 20, BLOCK);
+        });
     }
 
     #[test]

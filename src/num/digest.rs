@@ -614,6 +614,39 @@ impl<'a> FilesHasher<'a> {
         }
     }
 
+    /// Hashes one window of one file with the SHA extensions, without waiting, and puts it
+    /// back for whoever comes next: a file put back between steps, else the next one not
+    /// started (the lanes hold theirs through their steps). For a worker with a few
+    /// milliseconds to spare (the writer waiting for the disk). Whether there was a file.
+    pub fn help_step(&self) -> bool {
+        if self.cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        let work = {
+            let mut shared = self.lock();
+            match shared.idle.pop() {
+                Some(s) => Some(Work::Stream(s)),
+                None => self.start_next(&mut shared),
+            }
+        };
+        match work {
+            None => false,
+            Some(Work::Whole(i)) => {
+                self.whole(i);
+                true
+            }
+            Some(Work::Stream(mut s)) => {
+                if self.ready(&mut s) {
+                    let blocks = s.ahead().len() / 64;
+                    s.compress(blocks);
+                    let mut shared = self.lock();
+                    self.put_back(&mut shared, s);
+                }
+                true
+            }
+        }
+    }
+
     /// After `cancel`: every file not finished, `held` and the rest, gets `Ok(None)`.
     fn cancel_all(&self, held: Vec<Stream<'a>>) {
         let mut shared = self.lock();
@@ -679,12 +712,33 @@ mod tests {
 
     /// Runs `lanes` lane workers and `helpers` helpers on `hasher` at once, to the end.
     fn run_workers(hasher: &FilesHasher<'_>, lanes: usize, helpers: usize) {
+        run_workers_stepping(hasher, lanes, helpers, 0);
+    }
+
+    /// [`run_workers`] with `steppers` more threads that work as a conversion's tensors' worker
+    /// does: a few single steps ([`FilesHasher::help_step`], as while the writer waits), then
+    /// the lanes and the helper's work at the end.
+    fn run_workers_stepping(
+        hasher: &FilesHasher<'_>,
+        lanes: usize,
+        helpers: usize,
+        steppers: usize,
+    ) {
         std::thread::scope(|s| {
             for _ in 0..lanes {
                 s.spawn(|| hasher.run_lanes());
             }
             for _ in 0..helpers {
                 s.spawn(|| hasher.help());
+            }
+            for _ in 0..steppers {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        hasher.help_step();
+                    }
+                    hasher.run_lanes();
+                    hasher.help();
+                });
             }
         });
     }
@@ -748,9 +802,19 @@ mod tests {
             expected.push(Some(hex(&sha2::Sha256::digest(b))));
         }
         let never = AtomicBool::new(false);
-        // Lanes alone, a helper alone, and lanes and helpers together, with each kernel.
-        let runs = [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)];
-        for (kernel, (lanes, helpers)) in kernels()
+        // Lanes alone, a helper alone, lanes and helpers together, and beside a worker that
+        // takes single steps first, with each kernel.
+        let runs = [
+            (1, 0, 0),
+            (0, 1, 0),
+            (1, 1, 0),
+            (2, 1, 0),
+            (1, 2, 0),
+            (0, 0, 1),
+            (1, 0, 1),
+            (1, 1, 1),
+        ];
+        for (kernel, (lanes, helpers, steppers)) in kernels()
             .into_iter()
             .flat_map(|k| runs.iter().map(move |&r| (k, r)))
         {
@@ -758,7 +822,7 @@ mod tests {
                 r.lock().unwrap().clear();
             }
             let hasher = FilesHasher::with(&refs, &never, 100, window, kernel);
-            run_workers(&hasher, lanes, helpers);
+            run_workers_stepping(&hasher, lanes, helpers, steppers);
             let got = hasher.into_results();
             for (i, (d, want)) in got.into_iter().zip(&expected).enumerate() {
                 match want {
@@ -824,6 +888,42 @@ mod tests {
                 .collect();
             assert_eq!(got, expected, "{kernel:?}");
         }
+    }
+
+    /// Single steps alone, until there is none to take, hash every file to its digest: each
+    /// step does one window of one file and puts it back for the next.
+    #[test]
+    fn single_steps_alone_finish_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let window = 4096u64;
+        let mut rng = crate::num::SplitMix64(5);
+        let lens = [0, 99, 100, window - 1, window, 3 * window + 70, 5 * window];
+        let (paths, expected) = random_files(dir.path(), &lens, &mut rng);
+        let refs: Vec<Message<'_>> = paths.iter().map(|p| Message::File(p.as_path())).collect();
+        let never = AtomicBool::new(false);
+        let hasher = FilesHasher::with(&refs, &never, 100, window, None);
+        let mut steps = 0;
+        while hasher.help_step() {
+            steps += 1;
+            assert!(steps < 100, "steps never run out");
+        }
+        // The two files under 100 bytes hashed whole, one step each; one step for each window
+        // of the others (none of which ends with a window of fewer than 64 bytes).
+        let windows: u64 = lens
+            .iter()
+            .filter(|&&n| n >= 100)
+            .map(|n| n.div_ceil(window))
+            .sum();
+        assert_eq!(steps as u64, windows + 2);
+        let got: Vec<String> = hasher
+            .into_results()
+            .into_iter()
+            .map(|d| d.unwrap().unwrap())
+            .collect();
+        assert_eq!(got, expected);
+        let cancel = AtomicBool::new(true);
+        let hasher = FilesHasher::with(&refs, &cancel, 100, window, None);
+        assert!(!hasher.help_step(), "no step once cancelled");
     }
 
     /// A cancel in the middle of the work: every worker returns, and every file has either
