@@ -422,8 +422,8 @@ fn hash_and_write(
             });
         }
         // While the writer waits for the disk (the 656 MB embedding of 2B4T comes first and
-        // the disk takes about half a second for it), this worker hashes a window of a file
-        // the lanes do not hold at a time.
+        // the disk takes about half a second for it), this worker takes steps of the lanes on
+        // files the lanes' worker does not hold, a window at a time.
         let hash_a_window = || {
             let t = Instant::now();
             let worked = hasher.help_step();

@@ -614,37 +614,51 @@ impl<'a> FilesHasher<'a> {
         }
     }
 
-    /// Hashes one window of one file with the SHA extensions, without waiting, and puts it
-    /// back for whoever comes next: a file put back between steps, else the next one not
-    /// started (the lanes hold theirs through their steps). For a worker with a few
-    /// milliseconds to spare (the writer waiting for the disk). Whether there was a file.
+    /// One step of the lanes ([`FilesHasher::run_lanes`]: a window of up to four files
+    /// through the SHA extensions) on files nobody holds, without waiting, then puts them back
+    /// for whoever comes next: files put back between steps, else the next ones not started
+    /// (the lanes keep theirs through their steps). For a worker with a few milliseconds to
+    /// spare (the writer waiting for the disk). Whether there was a file.
     pub fn help_step(&self) -> bool {
         if self.cancel.load(Ordering::Relaxed) {
             return false;
         }
-        let work = {
+        let width = self.kernel.map_or(1, Lanes::width);
+        let mut lanes: Vec<Stream<'a>> = Vec::with_capacity(width);
+        let mut whole = Vec::new();
+        {
             let mut shared = self.lock();
-            match shared.idle.pop() {
-                Some(s) => Some(Work::Stream(s)),
-                None => self.start_next(&mut shared),
-            }
-        };
-        match work {
-            None => false,
-            Some(Work::Whole(i)) => {
-                self.whole(i);
-                true
-            }
-            Some(Work::Stream(mut s)) => {
-                if self.ready(&mut s) {
-                    let blocks = s.ahead().len() / 64;
-                    s.compress(blocks);
-                    let mut shared = self.lock();
-                    self.put_back(&mut shared, s);
+            while lanes.len() < width {
+                match shared.idle.pop() {
+                    Some(s) => lanes.push(s),
+                    None => match self.start_next(&mut shared) {
+                        Some(Work::Stream(s)) => lanes.push(s),
+                        Some(Work::Whole(i)) => whole.push(i),
+                        None => break,
+                    },
                 }
-                true
             }
         }
+        let found = !lanes.is_empty() || !whole.is_empty();
+        for i in whole {
+            self.whole(i);
+        }
+        // A file that cannot be mapped is hashed by reading it (and recorded) by `ready`.
+        lanes.retain_mut(|s| self.ready(s));
+        match (self.kernel, lanes.as_mut_slice()) {
+            (_, []) => {}
+            (Some(kernel), lanes) => step_lanes(kernel, lanes),
+            (None, [one]) => {
+                let blocks = one.ahead().len() / 64;
+                one.compress(blocks);
+            }
+            (None, _) => unreachable!("one file at a time without a kernel"),
+        }
+        let mut shared = self.lock();
+        for s in lanes {
+            self.put_back(&mut shared, s);
+        }
+        found
     }
 
     /// After `cancel`: every file not finished, `held` and the rest, gets `Ok(None)`.
@@ -890,8 +904,10 @@ mod tests {
         }
     }
 
-    /// Single steps alone, until there is none to take, hash every file to its digest: each
-    /// step does one window of one file and puts it back for the next.
+    /// Single steps alone, until there is none to take, hash every file to its digest, with
+    /// each kernel and none: a step does one window of each file it takes (all the files a
+    /// kernel has lanes for, else one, with the small files before it hashed whole) and puts
+    /// them back for the next.
     #[test]
     fn single_steps_alone_finish_every_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -901,28 +917,32 @@ mod tests {
         let (paths, expected) = random_files(dir.path(), &lens, &mut rng);
         let refs: Vec<Message<'_>> = paths.iter().map(|p| Message::File(p.as_path())).collect();
         let never = AtomicBool::new(false);
-        let hasher = FilesHasher::with(&refs, &never, 100, window, None);
-        let mut steps = 0;
-        while hasher.help_step() {
-            steps += 1;
-            assert!(steps < 100, "steps never run out");
+        for kernel in kernels() {
+            let hasher = FilesHasher::with(&refs, &never, 100, window, kernel);
+            let mut steps = 0;
+            while hasher.help_step() {
+                steps += 1;
+                assert!(steps < 100, "steps never run out");
+            }
+            if kernel.is_none() {
+                // One step for each window of the files from 100 bytes (none of which ends
+                // with a window of fewer than 64 bytes); the two below ride along.
+                let windows: u64 = lens
+                    .iter()
+                    .filter(|&&n| n >= 100)
+                    .map(|n| n.div_ceil(window))
+                    .sum();
+                assert_eq!(steps as u64, windows);
+            }
+            let got: Vec<String> = hasher
+                .into_results()
+                .into_iter()
+                .map(|d| d.unwrap().unwrap())
+                .collect();
+            assert_eq!(got, expected, "{kernel:?}");
         }
-        // The two files under 100 bytes hashed whole, one step each; one step for each window
-        // of the others (none of which ends with a window of fewer than 64 bytes).
-        let windows: u64 = lens
-            .iter()
-            .filter(|&&n| n >= 100)
-            .map(|n| n.div_ceil(window))
-            .sum();
-        assert_eq!(steps as u64, windows + 2);
-        let got: Vec<String> = hasher
-            .into_results()
-            .into_iter()
-            .map(|d| d.unwrap().unwrap())
-            .collect();
-        assert_eq!(got, expected);
         let cancel = AtomicBool::new(true);
-        let hasher = FilesHasher::with(&refs, &cancel, 100, window, None);
+        let hasher = FilesHasher::with(&refs, &cancel, 100, window, Lanes::detect());
         assert!(!hasher.help_step(), "no step once cancelled");
     }
 
