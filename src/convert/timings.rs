@@ -56,6 +56,9 @@ pub struct Timings {
     /// Source hashing done by the tensors' worker while the writer waited for the disk: part
     /// of `source_hash`, and taken out of the writer's own time.
     pub hashed_while_writing: Busy,
+    /// SHA-256 of packed tensors computed in batches through the lanes, beside the writer's
+    /// own hashing.
+    pub output_hash: Busy,
 }
 
 impl Timings {
