@@ -678,23 +678,18 @@ fn write_tensors(
     let mut pending: Option<(&Job<'_>, Made<'_>)> = None;
     let mut digests = DigestBatch::new();
     let buffers = Buffers::default();
+    let emit_one = |(j, m): (&Job<'_>, Made<'_>),
+                    writer: &mut BpkWriter,
+                    digests: Option<&mut DigestBatch>| {
+        emit(
+            ckpt, j, m, rotation, writer, out, opts, deferred, digests, progress, timings,
+        )
+    };
     for job in jobs {
         let previous = pending.take();
         let (emitted, made) = rayon::join(
             || match previous {
-                Some((j, m)) => emit(
-                    ckpt,
-                    j,
-                    m,
-                    rotation,
-                    writer,
-                    out,
-                    opts,
-                    deferred,
-                    digests.as_mut(),
-                    progress,
-                    timings,
-                ),
+                Some(p) => emit_one(p, writer, digests.as_mut()),
                 None => Ok(()),
             },
             || make(ckpt, job, rotation, opts, &buffers, timings),
@@ -706,20 +701,8 @@ fn write_tensors(
         }
         pending = Some((job, made?));
     }
-    if let Some((j, m)) = pending {
-        emit(
-            ckpt,
-            j,
-            m,
-            rotation,
-            writer,
-            out,
-            opts,
-            deferred,
-            digests.as_mut(),
-            progress,
-            timings,
-        )?;
+    if let Some(p) = pending {
+        emit_one(p, writer, digests.as_mut())?;
     }
     if let Some(batch) = digests.as_mut() {
         batch.hash_into(writer, out, &buffers, timings)?;
